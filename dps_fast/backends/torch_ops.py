@@ -1,0 +1,159 @@
+"""Pure-torch definitions of the fused DPS ops: the reference every kernel is tested against,
+and the ops of the ``torch`` backend.
+
+Shapes: the state ``x`` is ``[N, *S]`` with ``N = B * samples``; ``coefs`` is one row
+``[Coef.COUNT]`` of :meth:`NoiseSchedule.table` on the state's device and dtype (a view, so no
+host sync); per-sample quantities (``gscale``, ``rnorm2``, ``seeds``) are ``[N]``.
+
+The clip mask of ``clip_x0 = (lo, hi)`` is ``lo < x0hat < hi`` on the clamped ``x0hat``: it equals
+torch.clamp's own gradient mask except where the unclamped value hits a bound exactly, and it lets
+every kernel derive the mask from ``x0hat`` without storing it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..noise import STREAM_STEP, philox_normal
+from ..schedule import Coef
+
+__all__ = [
+    "tweedie", "clip_mask", "apply_clip_mask", "prep_elementwise", "spectral_residual",
+    "parseval_weights", "blur_normal_residual", "dps_update", "step_sigma",
+]
+
+Clip = Optional[tuple[float, float]]
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def tweedie(x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, clip: Clip = None) -> torch.Tensor:
+    """Tweedie's estimate ``x0hat = (x - sqrt(1-abar) eps) / sqrt(abar)``, clamped to ``clip``."""
+    x0 = coefs[Coef.SQRT_RECIP_ABAR] * x - coefs[Coef.SQRT_RECIPM1_ABAR] * eps
+    return x0.clamp(clip[0], clip[1]) if clip is not None else x0
+
+
+def clip_mask(x0hat: torch.Tensor, clip: Clip) -> torch.Tensor:
+    """The gradient mask of the clamp, ``lo < x0hat < hi``, in ``x0hat``'s dtype."""
+    return ((x0hat > clip[0]) & (x0hat < clip[1])).to(x0hat.dtype)
+
+
+def apply_clip_mask(w: torch.Tensor, x0hat: torch.Tensor, clip: Clip) -> torch.Tensor:
+    """``w * clip_mask(x0hat)`` (in place on ``w``); ``w`` unchanged without a clip."""
+    return w.mul_(clip_mask(x0hat, clip)) if clip is not None else w
+
+
+def prep_elementwise(
+    x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, clip: Clip,
+    y: torch.Tensor, mask: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tweedie + residual for an operator that is a pixel mask (``A = diag(m)``; identity: m = 1).
+
+    Returns ``x0hat``, the masked cotangent ``w_c = clipmask * m * (m * x0hat - y)`` and the
+    per-sample ``rnorm2[n] = ||m * x0hat - y||^2`` (float32 at least, ``[N]``). ``y`` has ``x``'s
+    shape; ``mask`` broadcasts against one sample (``[*S]`` or ``[1, *S]``) or is None.
+    """
+    x0hat = tweedie(x, eps, coefs, clip)
+    ax = x0hat * mask if mask is not None else x0hat
+    r = ax - y
+    w = r * mask if mask is not None else r.clone()
+    rnorm2 = r.flatten(1).square().sum(1)
+    return x0hat, apply_clip_mask(w, x0hat, clip), rnorm2
+
+
+def parseval_weights(n_last: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Weights of an rfft's last axis (length ``n_last // 2 + 1``) so that the weighted sum of
+    ``|X|^2`` equals the full-spectrum sum: 1 for DC (and Nyquist when ``n_last`` is even), else 2."""
+    w = torch.full((n_last // 2 + 1,), 2.0, device=device, dtype=dtype)
+    w[0] = 1.0
+    if n_last % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
+def spectral_residual(
+    X: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, n_last: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spectral stage of the FFT blur's normal residual.
+
+    Args:
+        X: ``[N, C, *F]`` complex, ``rfftn(x0hat)`` over the 1 or 2 signal axes.
+        K: ``[*F]`` complex, the kernel's transfer function (broadcast over N and C).
+        Y: ``[N, C, *F]`` complex, ``rfftn(y)`` (precomputed once per measurement).
+        n_last: the signal length of the last axis (to weight the half spectrum).
+
+    Returns:
+        ``W = conj(K) (K X - Y) = |K|^2 X - conj(K) Y`` (``irfftn(W)`` is ``A^H(A x0hat - y)``)
+        and ``rnorm2[n] = ||A x0hat - y||^2`` by Parseval (real, ``[N]``).
+    """
+    R = K * X - Y
+    npix = n_last
+    for s in X.shape[2:-1]:
+        npix *= s
+    wts = parseval_weights(n_last, X.device, X.real.dtype)
+    rnorm2 = (R.real.square() + R.imag.square()).mul(wts).flatten(1).sum(1) / npix
+    return K.conj() * R, rnorm2
+
+
+def blur_normal_residual(
+    x0hat: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, ndim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A^H(A x0hat - y)`` and ``||A x0hat - y||^2`` per sample for a circular blur: two FFTs.
+
+    ``x0hat`` is ``[N, C, *S]`` real with ``ndim`` (1 or 2) signal axes; ``K`` the ``[*F]``
+    transfer function (``F = S[:-1] + (S[-1] // 2 + 1,)``); ``Y = rfftn(y)`` ``[N, C, *F]``.
+    """
+    dims = tuple(range(-ndim, 0))
+    X = torch.fft.rfftn(x0hat, dim=dims)
+    W, rnorm2 = spectral_residual(X, K, Y, x0hat.shape[-1])
+    return torch.fft.irfftn(W, s=x0hat.shape[-ndim:], dim=dims), rnorm2
+
+
+def step_sigma(coefs: torch.Tensor, variance: str, v: Optional[torch.Tensor]) -> torch.Tensor:
+    """The DDPM noise standard deviation of one step (a 0-d tensor, or per element for learned range).
+
+    ``learned_range``: ``log var = f log beta + (1 - f) log beta~`` with ``f = (v + 1) / 2``, as ADM.
+    """
+    if variance == "fixed_small":
+        return coefs[Coef.SIGMA_SMALL]
+    if variance == "fixed_large":
+        return coefs[Coef.SIGMA_LARGE]
+    if variance == "learned_range":
+        if v is None:
+            raise ValueError("v: learned_range variance needs the model's variance channels, got None")
+        f = (v + 1.0) * 0.5
+        log_var = f * coefs[Coef.LOG_BETA] + (1.0 - f) * coefs[Coef.LOG_VAR_SMALL]
+        return coefs[Coef.NONZERO] * torch.exp(0.5 * log_var)
+    raise ValueError(f"variance: expected 'fixed_small', 'fixed_large' or 'learned_range', got {variance!r}")
+
+
+def dps_update(
+    x: torch.Tensor, eps: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gscale: torch.Tensor,
+    coefs: torch.Tensor, step: int, clip: Clip = None, variance: str = "fixed_small",
+    v: Optional[torch.Tensor] = None, seeds: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One guided DDPM step, the formula every fused update kernel implements.
+
+    ``x_{t-1} = COEF_X0 * x0hat + COEF_XT * x + sigma * z - gscale[n] * g`` with
+    ``g = 2 / sqrt(abar) * (w - sqrt(1 - abar) * u)`` the gradient of ``||A x0hat - y||^2`` w.r.t.
+    ``x_t``: ``w`` is the clip-masked ``A^H(A x0hat - y)`` and ``u = J_eps^T w`` the network's
+    input VJP. ``z`` is ``noise`` when given, else the Philox stream of ``seeds`` at ``step``.
+    ``gscale`` is ``zeta / (2 sigma_n^2)`` ("squared") or ``zeta / (2 ||r_n||)`` ("normalized").
+    ``out`` may be ``x`` itself (in-place update).
+    """
+    x0hat = tweedie(x, eps, coefs, clip)
+    sigma = step_sigma(coefs, variance, v)
+    if noise is None:
+        if seeds is None:
+            raise ValueError("seeds: needed when noise is None")
+        noise = philox_normal(seeds, x[0].numel(), step, STREAM_STEP, x.dtype).view_as(x)
+    g = (w - coefs[Coef.SQRT_1M_ABAR] * u) * (2.0 * coefs[Coef.SQRT_RECIP_ABAR])
+    res = coefs[Coef.COEF_X0] * x0hat + coefs[Coef.COEF_XT] * x + sigma * noise - _per_sample(gscale, x) * g
+    if out is None:
+        return res
+    return out.copy_(res)

@@ -1,0 +1,343 @@
+"""The DPS sampler: the reverse DDPM chain with a likelihood-guidance step per iteration.
+
+For ``y = A x0 + n``, ``n ~ N(0, sigma_n^2 I)``, each step ``i = K-1 .. 1`` does
+
+1. ``eps = net(x_t, t)``; Tweedie ``x0hat = (x_t - sqrt(1-abar) eps) / sqrt(abar)`` (clamped to
+   ``clip_x0`` if given);
+2. ``r = A x0hat - y``; ``g = grad_{x_t} ||r||^2``, by ONE input-only VJP of the network with the
+   cotangent ``w = A^H r``;
+3. ``x_{t-1} = DDPM_step(x_t, x0hat) - zeta/(2 sigma_n^2) g`` ("squared") or
+   ``- zeta grad ||r|| = - zeta/(2 ||r||) g`` ("normalized", the original DPS code's step, here
+   per sample instead of one norm over the batch).
+
+The result is ``x0hat(x_1)``, the Tweedie estimate of the last step (which therefore needs no VJP:
+``nfe = 2K - 1``). The sampler owns no kernel code: a backend answers ``step``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .backends import Backend, StepProblem, get_backend
+from .models.wrapper import ScoreNetwork
+from .noise import STREAM_INIT, philox_normal, seeds_from
+from .operators.base import LinearOperator
+from .schedule import NoiseSchedule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DPS", "DPSResult", "NonFiniteError"]
+
+GUIDANCE = ("squared", "normalized")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+class NonFiniteError(FloatingPointError):
+    """The chain produced NaN/inf; the message names the step and suggests a smaller zeta."""
+
+
+@dataclass
+class DPSResult:
+    """What :meth:`DPS.sample` returns. ``B`` measurements, ``S`` posterior samples each.
+
+    Attributes:
+        samples: ``[B, S, *x]`` posterior samples ``x0hat(x_1)``.
+        mean, std: ``[B, *x]`` mean and standard deviation over the S samples (std 0 for S = 1).
+        trajectory: ``{i: [B, S, *x]}`` x0hat at the steps listed in ``record``.
+        nfe: network evaluations per sample chain (forward passes + VJPs).
+        residual_norm: ``[B, S]`` final ``||A x0hat - y||``.
+        seeds: ``[B, S]`` int64 seeds (pass them back as ``seeds=`` to reproduce a sample).
+        stopped_at: the step at which a callback stopped the run, else None.
+    """
+
+    samples: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    trajectory: dict[int, torch.Tensor]
+    nfe: int
+    residual_norm: torch.Tensor
+    seeds: torch.Tensor
+    stopped_at: Optional[int] = None
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _as_row_param(value: Union[float, Sequence[float], torch.Tensor], name: str, batch: int) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{name}: expected a float or one value per measurement ({batch}), got shape {tuple(t.shape)}")
+    return t
+
+
+class DPS:
+    """Diffusion Posterior Sampling.
+
+    Args:
+        model: ``eps(x_t, t)`` callable (an ``nn.Module`` or a function), ``t`` int64 ``[N]`` of
+            training-schedule indices; returns ``[N, C, *S]`` or ``[N, 2C, *S]`` (learned variance).
+        schedule: the :class:`NoiseSchedule` (possibly respaced) to sample with.
+        operator: the forward model ``A`` (:mod:`dps_fast.operators`).
+        zeta: guidance scale, a float or one per measurement.
+        sigma_n: measurement noise standard deviation (> 0 for "squared" guidance).
+        guidance: "squared" (``zeta/(2 sigma_n^2) grad ||r||^2``), "normalized" (``zeta grad ||r||``
+            per sample), or a sequence with one mode per measurement.
+        clip_x0: ``None`` or ``(lo, hi)`` to clamp x0hat; the gradient respects the clamp.
+        variance: "fixed_small" (beta~, default), "fixed_large" (beta) or "learned_range" (the
+            default when the model returns 2C channels).
+        backend: "auto" | "reference" | "torch" | "triton" | "cuda".
+        compile: ``torch.compile`` the network (default: on for CUDA ``nn.Module`` models).
+        autocast: run the network in ``torch.bfloat16``/``torch.float16``; the state stays float32.
+        check_every: read the non-finite flag every this many steps (a host sync); default: every
+            step on CPU, only at the end on CUDA (the flag records the first bad step either way).
+
+    Example:
+        >>> from dps_fast import DPS, NoiseSchedule, operators, priors
+        >>> prior = priors.GaussianPrior(torch.zeros(4), torch.eye(4))
+        >>> sched = NoiseSchedule.linear(1000).respace(50)
+        >>> A = operators.Matrix(torch.randn(2, 4))
+        >>> dps = DPS(prior.eps_model(sched), sched, A, zeta=0.5, sigma_n=0.1)
+        >>> res = dps.sample(torch.zeros(1, 1, 2), num_samples=8, seed=0)
+        >>> res.samples.shape
+        torch.Size([1, 8, 1, 4])
+    """
+
+    def __init__(
+        self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
+        operator: LinearOperator, zeta: Union[float, Sequence[float], torch.Tensor] = 1.0,
+        sigma_n: float = 0.05, guidance: Union[str, Sequence[str]] = "squared",
+        clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
+        backend: str = "auto", compile: Optional[bool] = None, autocast: Optional[torch.dtype] = None,
+        channels_last: bool = False, check_every: Optional[int] = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model: expected a callable eps(x_t, t), got {type(model).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(operator, LinearOperator):
+            raise TypeError(f"operator: expected a dps_fast.operators.LinearOperator, got {type(operator).__name__}")
+        modes = [guidance] if isinstance(guidance, str) else list(guidance)
+        bad = [m for m in modes if m not in GUIDANCE]
+        if bad or not modes:
+            raise ValueError(f"guidance: expected 'squared' or 'normalized' (or one per measurement), got {guidance!r}")
+        zt = torch.as_tensor(zeta, dtype=torch.float64)
+        if not torch.isfinite(zt).all() or (zt < 0).any():
+            raise ValueError(f"zeta: expected finite values >= 0, got {zeta!r}")
+        if not (isinstance(sigma_n, (int, float)) and math.isfinite(sigma_n)):
+            raise ValueError(f"sigma_n: expected a finite float, got {sigma_n!r}")
+        if "squared" in modes and sigma_n <= 0:
+            raise ValueError(f"sigma_n: 'squared' guidance divides by sigma_n^2 and needs sigma_n > 0, got {sigma_n}")
+        if variance is not None and variance not in VARIANCES:
+            raise ValueError(f"variance: expected one of {VARIANCES} or None, got {variance!r}")
+        if clip_x0 is not None:
+            if len(clip_x0) != 2 or not float(clip_x0[0]) < float(clip_x0[1]):
+                raise ValueError(f"clip_x0: expected None or (lo, hi) with lo < hi, got {clip_x0!r}")
+            clip_x0 = (float(clip_x0[0]), float(clip_x0[1]))
+        if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
+            raise ValueError(f"check_every: expected a positive int or None, got {check_every!r}")
+        self.model = model
+        self.schedule = schedule
+        self.operator = operator
+        self.zeta = zeta
+        self.sigma_n = float(sigma_n)
+        self.guidance = guidance
+        self._modes = modes
+        self.clip_x0 = clip_x0
+        self.variance = variance
+        self.backend_name = backend
+        self.compile = compile
+        self.autocast = autocast
+        self.channels_last = channels_last
+        self.check_every = check_every
+        self._net: Optional[ScoreNetwork] = None
+        self._backends: dict[torch.device, Backend] = {}
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def backend(self, device: torch.device) -> Backend:
+        be = self._backends.get(device)
+        if be is None:
+            be = get_backend(self.backend_name, device)
+            self._backends[device] = be
+            logger.info("DPS backend for %s: %s", device, be.name)
+        return be
+
+    def _network(self, device: torch.device) -> ScoreNetwork:
+        if self._net is None:
+            comp = self.compile
+            if comp is None:
+                comp = device.type == "cuda" and isinstance(self.model, nn.Module)
+            self._net = ScoreNetwork(self.model, compile=comp, autocast=self.autocast,
+                                     channels_last=self.channels_last)
+        return self._net
+
+    def _check_y(self, y: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y: expected a torch.Tensor, got {type(y).__name__}")
+        if y.dim() < 2:
+            raise ValueError(f"y: expected a batched measurement [B, ...], got shape {tuple(y.shape)}")
+        if not torch.isfinite(y).all():
+            raise ValueError("y: expected finite values, got NaN or inf")
+        dtype = y.real.dtype if y.is_complex() else y.dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"y: expected float32/float64 (or complex), got {y.dtype}")
+        if y.is_complex() != self.operator.output_is_complex():
+            raise TypeError(f"y: {self.operator!r} gives {'complex' if self.operator.output_is_complex() else 'real'} "
+                            f"measurements, got dtype {y.dtype}")
+        x_shape = self.operator.input_shape(tuple(y.shape))
+        expected = self.operator.output_shape(x_shape)
+        if tuple(expected) != tuple(y.shape):
+            raise ValueError(f"y: expected shape {tuple(expected)} for {self.operator!r}, got {tuple(y.shape)}")
+        if isinstance(self.model, nn.Module):
+            p = next(iter(self.model.parameters()), None)
+            if p is not None and p.device != y.device:
+                raise ValueError(f"y: expected tensors on the model's device {p.device}, got {y.device}")
+            if p is not None and self.autocast is None and p.is_floating_point() and p.dtype != dtype:
+                raise TypeError(f"y: the model's weights are {p.dtype} but y is {dtype}; cast one of them "
+                                f"or pass autocast=")
+        return x_shape, dtype
+
+    def _problem(self, y: torch.Tensor, num_samples: int, seeds: torch.Tensor, x_shape: tuple[int, ...],
+                 dtype: torch.dtype, variance: str) -> StepProblem:
+        b, dev = y.shape[0], y.device
+        n = b * num_samples
+        if len(self._modes) not in (1, b):
+            raise ValueError(f"guidance: expected one mode or one per measurement ({b}), got {len(self._modes)}")
+        normalized = torch.tensor([m == "normalized" for m in self._modes]).expand(b)
+        zeta = _as_row_param(self.zeta, "zeta", b)
+        y_rep = y.repeat_interleave(num_samples, 0) if num_samples > 1 else y
+        k = self.schedule.num_steps
+        t = self.schedule.timesteps.to(dev).view(k, 1).expand(k, n).contiguous()
+        return StepProblem(
+            net=self._network(dev), operator=self.operator, meas=self.operator.prepare(y_rep),
+            table=self.schedule.table(dtype, dev), t=t,
+            zeta=zeta.repeat_interleave(num_samples).to(device=dev, dtype=dtype),
+            normalized=normalized.repeat_interleave(num_samples).to(dev),
+            inv_two_sigma2=0.5 / self.sigma_n**2 if self.sigma_n > 0 else 0.0,
+            clip=self.clip_x0, variance=variance, seeds=seeds.reshape(-1).to(dev), channels=x_shape[1])
+
+    def _resolve_variance(self, x: torch.Tensor, p: StepProblem, net: ScoreNetwork) -> str:
+        if self.variance is not None:
+            return self.variance
+        with torch.no_grad():
+            _, out = net.forward(x[:1], p.t[-1, :1], graph=False)
+        return "learned_range" if out.dim() == x.dim() and out.shape[1] == 2 * x.shape[1] else "fixed_small"
+
+    # ---- public API -----------------------------------------------------------------------
+    def step(self, x_t: torch.Tensor, i: int, y: torch.Tensor, noise: torch.Tensor,
+             num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """One guided step at index ``i`` with explicit ``noise``: returns ``(x_{t-1}, x0hat)``.
+
+        ``x_t`` is ``[B * num_samples, *x]`` (rows of one measurement adjacent), ``y`` ``[B, *out]``.
+        ``x_t`` is not modified.
+        """
+        x_shape, dtype = self._check_y(y)
+        if not 0 <= i < self.schedule.num_steps:
+            raise ValueError(f"i: expected a step index in [0, {self.schedule.num_steps}), got {i}")
+        n = y.shape[0] * num_samples
+        want = (n,) + tuple(x_shape[1:])
+        for name, tsr in (("x_t", x_t), ("noise", noise)):
+            if tuple(tsr.shape) != want:
+                raise ValueError(f"{name}: expected shape {want}, got {tuple(tsr.shape)}")
+            if tsr.dtype != dtype or tsr.device != y.device:
+                raise TypeError(f"{name}: expected {dtype} on {y.device}, got {tsr.dtype} on {tsr.device}")
+        seeds = torch.zeros(n, dtype=torch.int64)
+        p = self._problem(y, num_samples, seeds, x_shape, dtype, self.variance or "fixed_small")
+        net = p.net
+        p.variance = self._resolve_variance(x_t, p, net)
+        with net.frozen():
+            out = self.backend(y.device).step(p, x_t, i, noise=noise)
+        return out.x, out.x0hat
+
+    def sample(
+        self, y: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None, seeds: Optional[torch.Tensor] = None,
+        record: Optional[Union[Iterable[int], str]] = None, progress: bool = False,
+        callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[bool]]] = None,
+    ) -> DPSResult:
+        """Draw ``num_samples`` posterior samples for each of the ``B`` measurements in ``y``.
+
+        Args:
+            y: ``[B, *out]`` measurements (the shape ``A`` produces).
+            num_samples: S >= 1 samples per measurement.
+            generator / seed / seeds: where the per-sample seeds come from: explicit ``seeds``
+                ``[B, S]`` int64, else ``seed`` (deterministic per sample index), else
+                ``torch.randint`` with ``generator`` (the global RNG when None).
+            record: step indices ``i`` (or "all") at which to keep x0hat in ``trajectory``.
+            progress: show a tqdm progress bar over the steps.
+            callback: ``callback(i, x_t, x0hat)`` after each step; returning False stops the run
+                (the result then holds the last x0hat and ``stopped_at``).
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+        x_shape, dtype = self._check_y(y)
+        b, dev = y.shape[0], y.device
+        n = b * num_samples
+        if seeds is not None:
+            if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != (b, num_samples):
+                raise ValueError(f"seeds: expected an int64 tensor [{b}, {num_samples}], got "
+                                 f"{getattr(seeds, 'dtype', type(seeds))} {tuple(getattr(seeds, 'shape', ()))}")
+            seeds = seeds.cpu()
+        else:
+            seeds = seeds_from(generator, n, seed).view(b, num_samples)
+        k = self.schedule.num_steps
+        rec = set(range(k)) if record == "all" else set(record or ())
+        bad_rec = [r for r in rec if not 0 <= r < k]
+        if bad_rec:
+            raise ValueError(f"record: expected step indices in [0, {k}), got {sorted(bad_rec)}")
+        p = self._problem(y, num_samples, seeds, x_shape, dtype, self.variance or "fixed_small")
+        numel = math.prod(x_shape[1:])
+        x = philox_normal(p.seeds, numel, k, STREAM_INIT, dtype).view((n,) + tuple(x_shape[1:]))
+        p.variance = self._resolve_variance(x, p, p.net)
+        backend = self.backend(dev)
+        check_every = self.check_every or (1 if dev.type == "cpu" else None)
+        bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        trajectory: dict[int, torch.Tensor] = {}
+        nfe = 0
+        stopped_at = None
+        bshape = (b, num_samples) + tuple(x_shape[1:])
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=k, desc="DPS", unit="step", disable=not progress, leave=False)
+        try:
+            with p.net.frozen():
+                for i in range(k - 1, -1, -1):
+                    out = backend.step(p, x, i, final=(i == 0), in_place=True)
+                    nfe += out.nfe
+                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(out.rnorm2).all(),
+                                           torch.tensor(i, device=dev), bad_step)
+                    if i in rec:
+                        trajectory[i] = out.x0hat.detach().clone().view(bshape)
+                    if check_every is not None and (i % check_every == 0):
+                        self._raise_if_bad(bad_step, p)
+                    bar.update(1)
+                    if callback is not None and i > 0 and callback(i, x, out.x0hat) is False:
+                        stopped_at = i
+                        break
+        finally:
+            bar.close()
+        self._raise_if_bad(bad_step, p)
+        samples = out.x0hat.view(bshape)
+        return DPSResult(
+            samples=samples, mean=samples.mean(1),
+            std=samples.std(1, unbiased=False) if num_samples > 1 else torch.zeros_like(samples[:, 0]),
+            trajectory=trajectory, nfe=nfe, residual_norm=out.rnorm2.sqrt().view(b, num_samples),
+            seeds=seeds, stopped_at=stopped_at, steps=k)
+
+    def _raise_if_bad(self, bad_step: torch.Tensor, p: StepProblem) -> None:
+        i = int(bad_step)
+        if i >= 0:
+            raise NonFiniteError(
+                f"x_t became non-finite at step i={i} (network timestep t={int(p.t[i, 0])}): the guidance "
+                f"step is too large for this problem; try a smaller zeta (now {self.zeta!r})")
+
+    def __repr__(self) -> str:
+        return (f"DPS(operator={self.operator!r}, steps={self.schedule.num_steps}, zeta={self.zeta!r}, "
+                f"sigma_n={self.sigma_n}, guidance={self.guidance!r}, backend={self.backend_name!r})")
