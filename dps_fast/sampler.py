@@ -230,6 +230,32 @@ class DPS:
         return "learned_range" if out.dim() == x.dim() and out.shape[1] == 2 * x.shape[1] else "fixed_small"
 
     # ---- public API -----------------------------------------------------------------------
+    def prepare(self, y: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None,
+                seed: Optional[int] = None, seeds: Optional[torch.Tensor] = None) -> tuple[StepProblem, torch.Tensor]:
+        """Validate ``y`` and build what every step of one run needs: ``(problem, x_T)``.
+
+        ``x_T`` is ``[B * num_samples, *x]`` drawn from each row's Philox seed. ``sample`` calls
+        this; benchmarks and CUDA-graph capture use it to drive ``backend(device).step`` directly.
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+        x_shape, dtype = self._check_y(y)
+        b = y.shape[0]
+        n = b * num_samples
+        if seeds is not None:
+            if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != (b, num_samples):
+                raise ValueError(f"seeds: expected an int64 tensor [{b}, {num_samples}], got "
+                                 f"{getattr(seeds, 'dtype', type(seeds))} {tuple(getattr(seeds, 'shape', ()))}")
+            seeds = seeds.cpu()
+        else:
+            seeds = seeds_from(generator, n, seed).view(b, num_samples)
+        p = self._problem(y, num_samples, seeds, x_shape, dtype, self.variance or "fixed_small")
+        numel = math.prod(x_shape[1:])
+        x = philox_normal(p.seeds, numel, self.schedule.num_steps, STREAM_INIT, dtype)
+        x = x.view((n,) + tuple(x_shape[1:]))
+        p.variance = self._resolve_variance(x, p, p.net)
+        return p, x
+
     def step(self, x_t: torch.Tensor, i: int, y: torch.Tensor, noise: torch.Tensor,
              num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """One guided step at index ``i`` with explicit ``noise``: returns ``(x_{t-1}, x0hat)``.
@@ -274,27 +300,15 @@ class DPS:
             callback: ``callback(i, x_t, x0hat)`` after each step; returning False stops the run
                 (the result then holds the last x0hat and ``stopped_at``).
         """
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
-        x_shape, dtype = self._check_y(y)
-        b, dev = y.shape[0], y.device
-        n = b * num_samples
-        if seeds is not None:
-            if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != (b, num_samples):
-                raise ValueError(f"seeds: expected an int64 tensor [{b}, {num_samples}], got "
-                                 f"{getattr(seeds, 'dtype', type(seeds))} {tuple(getattr(seeds, 'shape', ()))}")
-            seeds = seeds.cpu()
-        else:
-            seeds = seeds_from(generator, n, seed).view(b, num_samples)
         k = self.schedule.num_steps
         rec = set(range(k)) if record == "all" else set(record or ())
         bad_rec = [r for r in rec if not 0 <= r < k]
         if bad_rec:
             raise ValueError(f"record: expected step indices in [0, {k}), got {sorted(bad_rec)}")
-        p = self._problem(y, num_samples, seeds, x_shape, dtype, self.variance or "fixed_small")
-        numel = math.prod(x_shape[1:])
-        x = philox_normal(p.seeds, numel, k, STREAM_INIT, dtype).view((n,) + tuple(x_shape[1:]))
-        p.variance = self._resolve_variance(x, p, p.net)
+        p, x = self.prepare(y, num_samples, generator=generator, seed=seed, seeds=seeds)
+        b, dev = y.shape[0], y.device
+        seeds = p.seeds.view(b, num_samples).cpu()
+        x_shape = (b,) + tuple(x.shape[1:])
         backend = self.backend(dev)
         check_every = self.check_every or (1 if dev.type == "cpu" else None)
         bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
@@ -311,8 +325,7 @@ class DPS:
                 for i in range(k - 1, -1, -1):
                     out = backend.step(p, x, i, final=(i == 0), in_place=True)
                     nfe += out.nfe
-                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(out.rnorm2).all(),
-                                           torch.tensor(i, device=dev), bad_step)
+                    bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(out.rnorm2).all(), i)
                     if i in rec:
                         trajectory[i] = out.x0hat.detach().clone().view(bshape)
                     if check_every is not None and (i % check_every == 0):
