@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="dps_demo.png", help="output PNG path (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="problem and sampler seed (default: %(default)s)")
     demo.add_argument("--zeta", type=float, default=None,
-                      help="the 'about right' guidance scale; the figure also shows zeta/30 and 10*zeta "
+                      help="the 'about right' guidance scale; the figure also shows zeta/10 and 3*zeta "
                            "(default: the tuned value in dps_fast.demo.DEFAULT_ZETA)")
     demo.add_argument("--steps", type=int, default=250, help="sampling steps, respaced from 1000 (default: %(default)s)")
     demo.add_argument("--samples", type=int, default=64, help="posterior samples (default: %(default)s)")

@@ -89,5 +89,6 @@ def test_mixture_blur_sliced_wasserstein(record_property):
     record_property("sw_exact_vs_exact", sw_floor)
     record_property("sw_prior", sw_prior)
     print(f"sliced W2: DPS {sw_dps:.4f}, exact vs exact {sw_floor:.4f}, prior vs exact {sw_prior:.4f}")
-    # DPS must be much closer to the posterior than the prior is (a third of the prior's distance)
-    assert sw_dps < sw_prior / 3, (sw_dps, sw_prior)
+    # Measured at this seed: DPS 0.035, exact-vs-exact floor 0.013, prior 0.64. DPS is biased, so
+    # the bound is relative to the prior's distance: a tenth of it (2x margin on the measurement).
+    assert sw_dps < sw_prior / 10, (sw_dps, sw_prior)
