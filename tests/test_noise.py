@@ -44,3 +44,15 @@ def test_seeds_from():
     assert torch.equal(a, b[:5]) and len(set(b.tolist())) == 8 and (b >= 0).all()
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     assert torch.equal(seeds_from(g1, 4), seeds_from(g2, 4))
+
+
+def test_mulhilo_matches_python_integers():
+    from dps_fast.noise import PHILOX_A, PHILOX_B, _mulhilo
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.cat([torch.tensor([0, 1, 2**31, 2**32 - 1], dtype=torch.int64),
+                   torch.randint(0, 2**32, (4096,), generator=g, dtype=torch.int64)])
+    for a in (PHILOX_A, PHILOX_B):
+        hi, lo = _mulhilo(a, b)
+        assert hi.tolist() == [(int(v) * a) >> 32 for v in b]
+        assert lo.tolist() == [(int(v) * a) & 0xFFFFFFFF for v in b]

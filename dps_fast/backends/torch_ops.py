@@ -33,8 +33,8 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def tweedie(x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, clip: Clip = None) -> torch.Tensor:
     """Tweedie's estimate ``x0hat = (x - sqrt(1-abar) eps) / sqrt(abar)``, clamped to ``clip``."""
-    x0 = coefs[Coef.SQRT_RECIP_ABAR] * x - coefs[Coef.SQRT_RECIPM1_ABAR] * eps
-    return x0.clamp(clip[0], clip[1]) if clip is not None else x0
+    x0 = torch.addcmul(x * coefs[Coef.SQRT_RECIP_ABAR], eps, coefs[Coef.SQRT_RECIPM1_ABAR], value=-1.0)
+    return x0.clamp_(clip[0], clip[1]) if clip is not None else x0
 
 
 def clip_mask(x0hat: torch.Tensor, clip: Clip) -> torch.Tensor:
@@ -146,14 +146,16 @@ def dps_update(
     ``gscale`` is ``zeta / (2 sigma_n^2)`` ("squared") or ``zeta / (2 ||r_n||)`` ("normalized").
     ``out`` may be ``x`` itself (in-place update).
     """
-    x0hat = tweedie(x, eps, coefs, clip)
-    sigma = step_sigma(coefs, variance, v)
     if noise is None:
         if seeds is None:
             raise ValueError("seeds: needed when noise is None")
         noise = philox_normal(seeds, x[0].numel(), step, STREAM_STEP, x.dtype).view_as(x)
-    g = (w - coefs[Coef.SQRT_1M_ABAR] * u) * (2.0 * coefs[Coef.SQRT_RECIP_ABAR])
-    res = coefs[Coef.COEF_X0] * x0hat + coefs[Coef.COEF_XT] * x + sigma * noise - _per_sample(gscale, x) * g
+    # in-place chain on fresh buffers: each line is one pass over the state
+    res = tweedie(x, eps, coefs, clip).mul_(coefs[Coef.COEF_X0])
+    res.addcmul_(x, coefs[Coef.COEF_XT])
+    res.addcmul_(noise, step_sigma(coefs, variance, v))
+    g = torch.addcmul(w, u, coefs[Coef.SQRT_1M_ABAR], value=-1.0)
+    res.addcmul_(g, _per_sample(gscale * (2.0 * coefs[Coef.SQRT_RECIP_ABAR]), x), value=-1.0)
     if out is None:
         return res
     return out.copy_(res)
