@@ -1,0 +1,224 @@
+"""The ``reconstruct`` sub-command of ``dps-fast``: :func:`add_parser` registers it, :func:`run`
+executes it and returns the exit code (0 done, 1 the chain diverged, 2 bad settings, before any
+work starts).
+
+Example:
+    dps-fast reconstruct faces/ --out out/ --operator gaussian-blur --sigma 3 \\
+        --model ffhq256 --checkpoint ffhq_10m.pt --steps 1000 --samples 4
+    torchrun --nproc-per-node 8 -m dps_fast.cli reconstruct faces/ --out out/ ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_parser", "run", "build_operator", "load_model", "OPERATORS"]
+
+OPERATORS = ("gaussian-blur", "motion-blur", "inpaint-box", "inpaint-random", "super-res", "denoise")
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE = {"auto": None, "on": True, "off": False}
+
+
+def _batch_size(value: str) -> Union[int, str]:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}")
+    return n
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``reconstruct`` (and all its options) on an ``add_subparsers()`` object."""
+    from ..models.adm import ADM_CONFIGS
+
+    p = subparsers.add_parser(
+        "reconstruct", help="DPS reconstructions of a dataset (resumable; torchrun for multi-GPU)",
+        description="Posterior samples, mean and std for every input, with PSNR/SSIM metrics and a run "
+                    "manifest. Re-running the same command resumes; under torchrun the work is sharded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("data")
+    io.add_argument("input", nargs="?", default=None,
+                    help="folder of images (PNG/JPEG) or a .npy/.pt tensor [N, C, H, W] with values in [-1, 1]; "
+                         "optional with --measurements")
+    io.add_argument("--out", "-o", required=True, help="output folder (re-running into it resumes)")
+    io.add_argument("--measurements", default=None,
+                    help="use these measurements instead of simulating them: a folder (NAME.pt/.npy/.png, or the "
+                         "output folder of an earlier run) or a tensor file [N, *y]")
+    io.add_argument("--resize", action="store_true",
+                    help="scale the shorter side of inputs of another size to the model's and centre-crop "
+                         "(default: such inputs are skipped with a message)")
+    task = p.add_argument_group("task (y = A x + sigma_n * noise)")
+    task.add_argument("--operator", choices=OPERATORS, default="gaussian-blur", help="the forward model A")
+    task.add_argument("--sigma", type=float, default=3.0, help="gaussian-blur: kernel width in pixels")
+    task.add_argument("--kernel-size", type=int, default=None,
+                      help="blur kernel size (gaussian: 2*ceil(4 sigma)+1; motion: 61)")
+    task.add_argument("--intensity", type=float, default=0.5, help="motion-blur: shake intensity in [0, 1]")
+    task.add_argument("--kernel-seed", type=int, default=0, help="motion-blur: kernel seed")
+    task.add_argument("--box", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="inpaint-box: size of the centred missing box (default: half the image)")
+    task.add_argument("--missing", type=float, default=0.7, help="inpaint-random: fraction of missing pixels")
+    task.add_argument("--mask-seed", type=int, default=0, help="inpaint-random: mask seed (one mask for all)")
+    task.add_argument("--factor", type=int, default=4, help="super-res: downsampling factor")
+    task.add_argument("--sigma-n", type=float, default=0.05, help="measurement noise std ([-1, 1] units)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", choices=sorted(ADM_CONFIGS), default=None, help="ADM architecture of --checkpoint")
+    model.add_argument("--checkpoint", default=None, help="guided-diffusion checkpoint (.pt state_dict)")
+    model.add_argument("--diffusers", default=None,
+                       help="a diffusers pipeline folder (unet/ and scheduler/) or a UNet2DModel folder")
+    sampler = p.add_argument_group("sampler")
+    sampler.add_argument("--steps", type=int, default=1000, help="sampling steps (respaced from 1000)")
+    sampler.add_argument("--zeta", type=float, default=1.0, help="guidance scale")
+    sampler.add_argument("--guidance", choices=("normalized", "squared"), default="normalized",
+                         help="normalized: zeta * grad ||r|| (the DPS code); squared: zeta/(2 sigma_n^2) grad ||r||^2")
+    sampler.add_argument("--variance", choices=("fixed_small", "fixed_large", "learned_range"), default=None,
+                         help="reverse-step variance (default: learned_range for learn_sigma models)")
+    sampler.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                         help="clip x0hat to [-1, 1] (like the DPS code)")
+    sampler.add_argument("--samples", type=int, default=1, help="posterior samples per input")
+    sampler.add_argument("--seed", type=int, default=0,
+                         help="root seed (each input's seeds derive from it and its name)")
+    run_ = p.add_argument_group("execution")
+    run_.add_argument("--batch-size", type=_batch_size, default="auto",
+                      help="images per sampler call, or auto (CUDA: fit the free memory; CPU: max(1, 8 // samples))")
+    run_.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; "
+                                                     "torchrun: cuda:LOCAL_RANK)")
+    run_.add_argument("--backend", choices=("auto", "reference", "torch", "triton", "cuda"), default="auto")
+    run_.add_argument("--compile", choices=sorted(COMPILE), default="auto",
+                      help="torch.compile the network (auto: on CUDA)")
+    run_.add_argument("--autocast", choices=sorted(AUTOCAST), default="none", help="network precision")
+    run_.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    run_.add_argument("--merge-only", action="store_true",
+                      help="only rebuild metrics.csv from the finished items in --out")
+    return p
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """(model, schedule or None, description) from --model/--checkpoint or --diffusers.
+
+    Raises FileNotFoundError / ValueError naming the path or the mismatch.
+    """
+    if (args.diffusers is None) == (args.model is None):
+        raise ValueError("model: pass either --model NAME --checkpoint PATH or --diffusers PATH")
+    if args.diffusers is not None:
+        from ..models.diffusers_adapter import _import_diffusers, from_diffusers
+
+        folder = Path(args.diffusers)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--diffusers: no folder {str(folder)!r}")
+        diffusers = _import_diffusers()
+        unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+        try:
+            unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir))
+            scheduler = (diffusers.DDPMScheduler.from_pretrained(str(folder / "scheduler"))
+                         if (folder / "scheduler").is_dir() else None)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"--diffusers: cannot load a UNet2DModel from {str(unet_dir)!r}: {exc}") from None
+        model, schedule = from_diffusers(unet, scheduler)
+        return model.eval(), schedule, {"diffusers": str(folder.resolve())}
+    if args.checkpoint is None:
+        raise ValueError(f"--checkpoint: required with --model {args.model}")
+    from ..models.adm import ADMUNet
+
+    model = ADMUNet.from_checkpoint(args.checkpoint, config=args.model)
+    return model, None, {"model": args.model, "checkpoint": str(Path(args.checkpoint).resolve())}
+
+
+def build_operator(args: argparse.Namespace, channels: int, size: Optional[int]) -> Any:
+    """The operator of ``--operator`` for ``[C, size, size]`` images."""
+    from .. import operators as ops
+
+    name = args.operator
+    if name == "gaussian-blur":
+        return ops.GaussianBlur(args.sigma, args.kernel_size)
+    if name == "motion-blur":
+        return ops.MotionBlur(args.kernel_size or 61, args.intensity, args.kernel_seed)
+    if name == "super-res":
+        if size is not None and size % args.factor:
+            raise ValueError(f"--factor: the image size {size} is not divisible by {args.factor}")
+        return ops.SuperResolution(args.factor)
+    if name == "denoise":
+        return ops.Identity()
+    if size is None:
+        raise ValueError(f"--operator {name}: needs the model's image size (the model does not give one)")
+    if name == "inpaint-box":
+        box = tuple(args.box) if args.box is not None else (size // 2, size // 2)
+        return ops.Inpainting.box((size, size), box)
+    if name == "inpaint-random":
+        return ops.Inpainting.random((size, size), args.missing, seed=args.mask_seed)
+    raise ValueError(f"--operator: expected one of {OPERATORS}, got {name!r}")  # pragma: no cover
+
+
+def _merge_only(args: argparse.Namespace) -> int:
+    from .data import MANIFEST, read_json, write_json
+    from .distributed import merge
+
+    out = Path(args.out)
+    manifest = read_json(out / MANIFEST)
+    if manifest is None:
+        raise FileNotFoundError(f"--out: no {MANIFEST} in {str(out)!r} (nothing to merge)")
+    records = merge(out, manifest.get("fingerprint"))
+    inputs = dict(manifest.get("inputs", {}), done=len(records))
+    total = inputs.get("total")
+    skipped = {s["name"] for s in inputs.get("skipped", [])}
+    if isinstance(total, int):
+        inputs["missing_count"] = max(0, total - len(records) - len(skipped))
+    manifest.update(inputs=inputs, status="complete" if inputs.get("missing_count") == 0 else "incomplete")
+    write_json(out / MANIFEST, manifest)
+    print(f"merged {len(records)} finished items into {out / 'metrics.csv'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``dps-fast reconstruct``; returns the process exit code."""
+    from ..sampler import NonFiniteError
+    from .runner import model_geometry, reconstruct
+
+    try:
+        if args.merge_only:
+            return _merge_only(args)
+        if args.input is None and args.measurements is None:
+            raise ValueError("input: pass a folder or tensor file of images, or --measurements")
+        model, schedule, model_desc = load_model(args)
+        channels = int(getattr(model, "in_channels", 3))
+        _, size = model_geometry(model, None)
+        operator = build_operator(args, channels, size)
+        if schedule is not None:
+            schedule = schedule.respace(args.steps)
+        options = {k: v for k, v in vars(args).items() if k != "func"}
+        options.update(argv=sys.argv, cwd=os.getcwd(), model_source=model_desc)
+        summary = reconstruct(
+            args.input, args.out, model, operator, schedule=schedule, steps=args.steps, sigma_n=args.sigma_n,
+            zeta=args.zeta, guidance=args.guidance, samples=args.samples, seed=args.seed,
+            batch_size=args.batch_size, device=args.device, backend=args.backend, compile=COMPILE[args.compile],
+            autocast=AUTOCAST[args.autocast], clip=args.clip, variance=args.variance, resize=args.resize,
+            measurements=args.measurements, progress=not args.quiet, options=options)
+    except NonFiniteError as exc:
+        print(f"dps-fast reconstruct: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        logger.debug("reconstruct failed", exc_info=True)
+        print(f"dps-fast reconstruct: error: {exc}", file=sys.stderr)
+        return 2
+    if summary.rank == 0:
+        for s in summary.skipped:  # each reason starts with the item's name
+            print(f"skipped {s['reason']}", file=sys.stderr)
+        if summary.skipped:
+            print(f"{len(summary.skipped)} inputs skipped (listed in {summary.out_dir / 'manifest.json'})",
+                  file=sys.stderr)
+        print(f"{summary.done}/{summary.total} inputs done ({summary.finished_now} now, {summary.already_done} "
+              f"before, {len(summary.skipped)} skipped, {len(summary.missing)} missing) in {summary.seconds:.1f} s "
+              f"-> {summary.out_dir}")
+    return 0
