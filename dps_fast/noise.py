@@ -60,12 +60,13 @@ def philox4x32(
 
 
 def philox_normal(
-    seeds: torch.Tensor, numel: int, step: int, stream: int = STREAM_STEP,
+    seeds: torch.Tensor, numel: int, step: int | torch.Tensor, stream: int = STREAM_STEP,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard normals ``[N, numel]`` for the samples whose seeds are ``seeds`` (int64 ``[N]``).
 
-    Row ``n`` is a function of ``(seeds[n], step, stream)`` only.
+    Row ``n`` is a function of ``(seeds[n], step, stream)`` only. ``step`` may be a one-element
+    int64 tensor on the seeds' device (read without a host sync, for CUDA-graph replay).
 
     >>> z = philox_normal(torch.tensor([1, 2]), 5, step=3)
     >>> z.shape
@@ -79,7 +80,10 @@ def philox_normal(
     k0 = (seeds & _M32).unsqueeze(1)
     k1 = ((seeds >> 32) & _M32).unsqueeze(1)
     c0 = torch.arange(numel, device=dev, dtype=torch.int64).unsqueeze(0)
-    c1 = torch.full((1, 1), step & _M32, device=dev, dtype=torch.int64)
+    if isinstance(step, torch.Tensor):
+        c1 = step.reshape(1, 1).to(device=dev, dtype=torch.int64) & _M32
+    else:
+        c1 = torch.full((1, 1), step & _M32, device=dev, dtype=torch.int64)
     c2 = torch.full((1, 1), stream & _M32, device=dev, dtype=torch.int64)
     c3 = torch.zeros((1, 1), device=dev, dtype=torch.int64)
     r0, r1, _, _ = philox4x32(c0, c1, c2, c3, k0, k1)

@@ -93,10 +93,13 @@ class DPS:
         variance: "fixed_small" (beta~, default), "fixed_large" (beta) or "learned_range" (the
             default when the model returns 2C channels).
         backend: "auto" | "reference" | "torch" | "triton" | "cuda".
-        compile: ``torch.compile`` the network (default: on for CUDA ``nn.Module`` models).
+        compile: ``torch.compile`` the network (default: on for CUDA ``nn.Module`` models); a dict
+            turns it on with those ``torch.compile`` keyword arguments (e.g. ``{"mode": "max-autotune"}``).
         autocast: run the network in ``torch.bfloat16``/``torch.float16``; the state stays float32.
         check_every: read the non-finite flag every this many steps (a host sync); default: every
             step on CPU, only at the end on CUDA (the flag records the first bad step either way).
+        cuda_graph: capture one guided step as a CUDA graph and replay it for every step (CUDA,
+            backend "torch" or "triton"; see :mod:`dps_fast.graphs`).
 
     Example:
         >>> from dps_fast import DPS, NoiseSchedule, operators, priors
@@ -114,8 +117,8 @@ class DPS:
         operator: LinearOperator, zeta: Union[float, Sequence[float], torch.Tensor] = 1.0,
         sigma_n: float = 0.05, guidance: Union[str, Sequence[str]] = "squared",
         clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
-        backend: str = "auto", compile: Optional[bool] = None, autocast: Optional[torch.dtype] = None,
-        channels_last: bool = False, check_every: Optional[int] = None,
+        backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
+        channels_last: bool = False, check_every: Optional[int] = None, cuda_graph: bool = False,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model: expected a callable eps(x_t, t), got {type(model).__name__}")
@@ -156,6 +159,7 @@ class DPS:
         self.autocast = autocast
         self.channels_last = channels_last
         self.check_every = check_every
+        self.cuda_graph = bool(cuda_graph)
         self._net: Optional[ScoreNetwork] = None
         self._backends: dict[torch.device, Backend] = {}
 
@@ -173,8 +177,9 @@ class DPS:
             comp = self.compile
             if comp is None:
                 comp = device.type == "cuda" and isinstance(self.model, nn.Module)
-            self._net = ScoreNetwork(self.model, compile=comp, autocast=self.autocast,
-                                     channels_last=self.channels_last)
+            self._net = ScoreNetwork(self.model, compile=bool(comp), autocast=self.autocast,
+                                     channels_last=self.channels_last,
+                                     compile_options=comp if isinstance(comp, dict) else None)
         return self._net
 
     def _check_y(self, y: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
@@ -322,8 +327,16 @@ class DPS:
         bar = tqdm(total=k, desc="DPS", unit="step", disable=not progress, leave=False)
         try:
             with p.net.frozen():
+                graphed = None
+                if self.cuda_graph and k > 1:
+                    from .graphs import GraphedStep
+
+                    graphed = GraphedStep(backend, p, x)
                 for i in range(k - 1, -1, -1):
-                    out = backend.step(p, x, i, final=(i == 0), in_place=True)
+                    if graphed is not None and i > 0:
+                        out = graphed.replay(i)
+                    else:
+                        out = backend.step(p, x, i, final=(i == 0), in_place=True)
                     nfe += out.nfe
                     bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(out.rnorm2).all(), i)
                     if i in rec:

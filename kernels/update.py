@@ -33,10 +33,10 @@ _NONZERO = tl.constexpr(Coef.NONZERO)
 
 @triton.jit(do_not_specialize=["step"])
 def _dps_update_kernel(
-    x_ptr, eps_ptr, w_ptr, u_ptr, v_ptr, z_ptr, gscale_ptr, seeds_ptr, coefs_ptr, out_ptr,
+    x_ptr, eps_ptr, w_ptr, u_ptr, v_ptr, z_ptr, gscale_ptr, seeds_ptr, coefs_ptr, out_ptr, step_ptr,
     S, nblocks, step, lo_hi, lo_lo, hi_hi, hi_lo,
     CLIP: tl.constexpr, VARIANCE: tl.constexpr, PHILOX: tl.constexpr, F64: tl.constexpr,
-    BLOCK: tl.constexpr,
+    STEP_PTR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     if F64:
         ct = tl.float64
@@ -66,7 +66,10 @@ def _dps_update_kernel(
 
     if PHILOX:
         k0, k1 = seed_key(tl.load(seeds_ptr + n))
-        z = philox_normal(j, step, 0, k0, k1, F64)
+        if STEP_PTR:  # the step counter lives on the device (CUDA-graph replay)
+            z = philox_normal(j, (tl.load(step_ptr) & 0xFFFFFFFF), 0, k0, k1, F64)
+        else:
+            z = philox_normal(j, step, 0, k0, k1, F64)
     else:
         z = tl.load(z_ptr + offs, mask=m, other=0.0).to(ct)
 
@@ -81,11 +84,12 @@ def _dps_update_kernel(
 def dps_update(
     x: torch.Tensor, eps: torch.Tensor, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None,
     noise: torch.Tensor | None, gscale: torch.Tensor, seeds: torch.Tensor | None,
-    coefs: torch.Tensor, out: torch.Tensor, step: int, clip: tuple[float, float] | None,
+    coefs: torch.Tensor, out: torch.Tensor, step: int | torch.Tensor, clip: tuple[float, float] | None,
     variance: str,
 ) -> None:
     """Write ``out`` for contiguous ``[N, *S]`` tensors (checked by the caller); ``noise`` None
-    means in-kernel Philox noise from ``seeds`` at ``step`` (stream 0)."""
+    means in-kernel Philox noise from ``seeds`` at ``step`` (stream 0); ``step`` may be an int64
+    one-element device tensor, read by the kernel (so a captured CUDA graph can replay any step)."""
     n = x.shape[0]
     s = x.numel() // n if n else 0
     if x.numel() == 0:
@@ -95,7 +99,9 @@ def dps_update(
     _dps_update_kernel[grid](
         x, eps, w, u, v if v is not None else x, noise if noise is not None else x,
         gscale, seeds if seeds is not None else gscale, coefs, out,
-        s, nblocks, step & 0xFFFFFFFF, *clip_words(clip),
+        step if isinstance(step, torch.Tensor) else seeds if seeds is not None else gscale,
+        s, nblocks, 0 if isinstance(step, torch.Tensor) else step & 0xFFFFFFFF, *clip_words(clip),
         CLIP=clip is not None, VARIANCE=VARIANCE_CODES[variance], PHILOX=noise is None,
-        F64=x.dtype == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps,
+        F64=x.dtype == torch.float64, STEP_PTR=isinstance(step, torch.Tensor), BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -58,7 +58,8 @@ class Backend:
     name = "base"
 
     def step(self, p: StepProblem, x: torch.Tensor, i: int, noise: Optional[torch.Tensor] = None,
-             final: bool = False, in_place: bool = False) -> StepOutput:  # pragma: no cover
+             final: bool = False, in_place: bool = False,
+             step: Optional[Union[int, torch.Tensor]] = None) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 
     @staticmethod
@@ -100,7 +101,10 @@ class FusedBackend(Backend):
         return x0hat, self.ops.apply_clip_mask(w, x0hat, clip), rnorm2
 
     def step(self, p: StepProblem, x: torch.Tensor, i: int, noise: Optional[torch.Tensor] = None,
-             final: bool = False, in_place: bool = False) -> StepOutput:
+             final: bool = False, in_place: bool = False,
+             step: Optional[Union[int, torch.Tensor]] = None) -> StepOutput:
+        """One guided step at table row ``i``; ``step`` (default ``i``) is the noise counter, an int
+        or a one-element int64 device tensor (CUDA-graph replay reads it on the device)."""
         coefs = p.table[i]
         with nvtx_range("forward"):
             x_in, out = p.net.forward(x, p.t[i], graph=not final)
@@ -115,7 +119,7 @@ class FusedBackend(Backend):
             u = p.net.vjp(eps_g, x_in, w)
         with nvtx_range("update"):
             x_next = self.ops.dps_update(
-                x, eps, w, u, gscale, coefs, i, p.clip, p.variance,
+                x, eps, w, u, gscale, coefs, i if step is None else step, p.clip, p.variance,
                 None if v is None else v.detach(), p.seeds, noise, out=x if in_place else None)
         return StepOutput(x_next, x0hat, rnorm2, 2)
 
@@ -126,7 +130,8 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def step(self, p: StepProblem, x: torch.Tensor, i: int, noise: Optional[torch.Tensor] = None,
-             final: bool = False, in_place: bool = False) -> StepOutput:
+             final: bool = False, in_place: bool = False,
+             step: Optional[Union[int, torch.Tensor]] = None) -> StepOutput:
         coefs = p.table[i]
         x_in, out = p.net.forward(x, p.t[i], graph=True)
         eps, v = self._split(p, out, x)
@@ -142,7 +147,7 @@ class ReferenceBackend(Backend):
                            p.zeta * p.inv_two_sigma2 * rnorm2).sum()
         (grad,) = torch.autograd.grad(loss, x_in)
         if noise is None:
-            noise = philox_normal(p.seeds, x[0].numel(), i, STREAM_STEP, x.dtype).view_as(x)
+            noise = philox_normal(p.seeds, x[0].numel(), i if step is None else step, STREAM_STEP, x.dtype).view_as(x)
         sigma = torch_ops.step_sigma(coefs, p.variance, None if v is None else v.detach())
         x_next = coefs[Coef.COEF_X0] * x0hat + coefs[Coef.COEF_XT] * x + sigma * noise - grad
         if in_place:

@@ -70,6 +70,9 @@ def dps_update(
     ``coefs`` one ``[Coef.COUNT]`` table row. ``out`` may be ``x`` (in-place). ``x0hat_out``
     (keyword-only, CUDA path only) also receives the clamped Tweedie estimate.
     """
+    if isinstance(step, torch.Tensor):
+        raise TypeError("step: the CUDA extension takes the step as an int; a device step tensor (used by "
+                        "CUDA-graph replay) needs backend='triton' or 'torch'")
     code = VARIANCE_CODES.get(variance)
     if code is None:
         raise ValueError(f"variance: expected one of {sorted(VARIANCE_CODES)}, got {variance!r}")

@@ -312,7 +312,7 @@ def blur_normal_residual(
 
 def dps_update(
     x: torch.Tensor, eps: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gscale: torch.Tensor,
-    coefs: torch.Tensor, step: int, clip: Clip = None, variance: str = "fixed_small",
+    coefs: torch.Tensor, step: int | torch.Tensor, clip: Clip = None, variance: str = "fixed_small",
     v: Optional[torch.Tensor] = None, seeds: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -335,10 +335,16 @@ def dps_update(
         v = _c(_like("v", v, x, "x"))
     else:
         v = None
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step: expected an int, got {type(step).__name__}") from None
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int64 or step.numel() != 1:
+            raise TypeError(f"step: expected an int or a one-element int64 tensor, got {step.dtype} of shape "
+                            f"{tuple(step.shape)}")
+        _same_device("step", step, x, "x")
+    else:
+        try:
+            step = operator.index(step)
+        except TypeError:
+            raise TypeError(f"step: expected an int or an int64 tensor, got {type(step).__name__}") from None
     coefs, clip = _coefs(coefs, x), _clip(clip)
     n, s = _samples(x)
     gscale = _per_sample("gscale", gscale, n, x, STATE_DTYPES + (torch.float16,))

@@ -397,7 +397,7 @@ def test_bad_inputs(device) -> None:
         ops.dps_update(x, eps, w, u, g, c, STEP, variance="fixed", seeds=seeds)
     with pytest.raises(ValueError, match="v: learned_range variance needs"):
         ops.dps_update(x, eps, w, u, g, c, STEP, variance="learned_range", seeds=seeds)
-    with pytest.raises(TypeError, match="step: expected an int, got float"):
+    with pytest.raises(TypeError, match="step: expected an int or an int64 tensor, got float"):
         ops.dps_update(x, eps, w, u, g, c, 1.5, seeds=seeds)
     with pytest.raises(TypeError, match="clip: expected None or a pair"):
         ops.tweedie(x, eps, c, clip=1.0)
@@ -472,15 +472,15 @@ def same(dt, names):
 
 U = ("x_ptr", "eps_ptr", "w_ptr", "u_ptr", "v_ptr", "z_ptr", "out_ptr")
 P = ("x_ptr", "eps_ptr", "y_ptr", "x0_ptr", "w_ptr")
-common = {"gscale_ptr": "*fp32", "seeds_ptr": "*i64", "coefs_ptr": "*fp32", "mask_ptr": "*u8"}
+common = {"gscale_ptr": "*fp32", "seeds_ptr": "*i64", "coefs_ptr": "*fp32", "mask_ptr": "*u8", "step_ptr": "*i64"}
 F32, BF16, F64 = (dict(F64=False, BLOCK=1024), dict(F64=False, BLOCK=1024), dict(F64=True, BLOCK=1024))
 jobs = [
     (update._dps_update_kernel, {**same("fp32", U), **common},
-     dict(CLIP=True, VARIANCE=2, PHILOX=True, **F32)),
+     dict(CLIP=True, VARIANCE=2, PHILOX=True, STEP_PTR=False, **F32)),
     (update._dps_update_kernel, {**same("bf16", U), **common},
-     dict(CLIP=False, VARIANCE=0, PHILOX=False, **BF16)),
+     dict(CLIP=False, VARIANCE=0, PHILOX=False, STEP_PTR=False, **BF16)),
     (update._dps_update_kernel, {**same("fp64", U), **common},
-     dict(CLIP=True, VARIANCE=1, PHILOX=True, **F64)),
+     dict(CLIP=True, VARIANCE=1, PHILOX=True, STEP_PTR=True, **F64)),
     (prep._prep_kernel, {**same("bf16", P), **common, "part_ptr": "*fp32"},
      dict(CLIP=True, HAS_MASK=True, MASK_PER_SAMPLE=False, **BF16)),
     (prep._tweedie_kernel, {**same("fp32", ("x_ptr", "eps_ptr", "out_ptr")), **common}, dict(CLIP=True, **F32)),
@@ -514,3 +514,27 @@ def test_kernels_compile_for_sm90() -> None:
     if r.returncode == 3:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 37), (7, 3, 5, 4)], ids=["1x37", "7x3x5x4"])
+def test_update_reads_step_from_device_tensor(shape):
+    """CUDA-graph replay passes the step as an int64 device tensor; the noise must be the same."""
+    from dps_fast.backends import torch_ops as T
+    from dps_fast.backends import triton_ops as K
+    from dps_fast.schedule import Coef, NoiseSchedule
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    x, eps, w, u = (torch.randn(shape, generator=g).to(dev) for _ in range(4))
+    coefs = NoiseSchedule.linear(1000).table(torch.float32, dev)[123]
+    gscale = torch.rand(shape[0], generator=g).to(dev)
+    seeds = torch.randint(0, 2**62, (shape[0],), generator=g).to(dev)
+    step_t = torch.tensor([123], dtype=torch.int64, device=dev)
+    a = K.dps_update(x, eps, w, u, gscale, coefs, step_t, seeds=seeds)
+    b = K.dps_update(x, eps, w, u, gscale, coefs, 123, seeds=seeds)
+    c = T.dps_update(x, eps, w, u, gscale, coefs, step_t, seeds=seeds)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, c, rtol=2e-5, atol=2e-5)
+    assert int(coefs[Coef.STEP]) == 123
+    with pytest.raises(TypeError, match="step"):
+        K.dps_update(x, eps, w, u, gscale, coefs, torch.tensor([1.0], device=dev), seeds=seeds)
