@@ -49,7 +49,7 @@ def _state(shape, dtype, k: int, gen: torch.Generator) -> list[torch.Tensor]:
 Case = tuple[Callable[[], Any], Callable[[], Any], int]
 
 
-def _update(shape, dtype, noise: str, variance: str) -> Case:
+def _update(shape, dtype, noise: str, variance: str, ops=ops) -> Case:
     gen = torch.Generator("cuda").manual_seed(0)
     x, eps, w, u, v, z = _state(shape, dtype, 6, gen)
     v = v.clamp(-1, 1)
@@ -66,7 +66,7 @@ def _update(shape, dtype, noise: str, variance: str) -> Case:
             _nbytes(*reads, out))
 
 
-def _prep(shape, dtype) -> Case:
+def _prep(shape, dtype, ops=ops) -> Case:
     gen = torch.Generator("cuda").manual_seed(1)
     x, eps, y = _state(shape, dtype, 3, gen)
     mask = torch.rand(shape[1:], device="cuda", generator=gen) > 0.5
@@ -76,7 +76,7 @@ def _prep(shape, dtype) -> Case:
             _nbytes(x, eps, y, mask) + 2 * _nbytes(x))
 
 
-def _tweedie(shape, dtype) -> Case:
+def _tweedie(shape, dtype, ops=ops) -> Case:
     gen = torch.Generator("cuda").manual_seed(2)
     x, eps = _state(shape, dtype, 2, gen)
     coefs = SCHEDULE.table(dtype, "cuda")[STEP]
@@ -84,14 +84,14 @@ def _tweedie(shape, dtype) -> Case:
             3 * _nbytes(x))
 
 
-def _clip_mask(shape, dtype) -> Case:
+def _clip_mask(shape, dtype, ops=ops) -> Case:
     gen = torch.Generator("cuda").manual_seed(3)
     w, x0 = _state(shape, dtype, 2, gen)
     return (lambda: ops.apply_clip_mask(w, x0, CLIP), lambda: ref_ops.apply_clip_mask(w, x0, CLIP),
             3 * _nbytes(w))
 
 
-def _spectral(shape, dtype) -> Case:
+def _spectral(shape, dtype, ops=ops) -> Case:
     gen = torch.Generator("cuda").manual_seed(4)
     x, y = _state(shape, dtype, 2, gen)
     X, Y = torch.fft.rfft2(x), torch.fft.rfft2(y)
@@ -101,7 +101,7 @@ def _spectral(shape, dtype) -> Case:
             3 * _nbytes(X) + _nbytes(K))
 
 
-def _blur(shape, dtype) -> Case:
+def _blur(shape, dtype, ops=ops) -> Case:
     gen = torch.Generator("cuda").manual_seed(5)
     x, y = _state(shape, dtype, 2, gen)
     Y = torch.fft.rfft2(y)
@@ -110,7 +110,7 @@ def _blur(shape, dtype) -> Case:
             2 * _nbytes(x) + _nbytes(Y, K))
 
 
-def _noise(shape, dtype) -> Case:
+def _noise(shape, dtype, ops=ops) -> Case:
     seeds = torch.arange(shape[0], device="cuda")
     numel = int(torch.Size(shape[1:]).numel())
     return (lambda: kphilox.normal(seeds, numel, STEP, STREAM_INIT, dtype),
@@ -133,17 +133,51 @@ CASES: dict[str, tuple[Callable[..., Case], tuple, dict]] = {
 }
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch", "copy"])
+# CUDA-extension ops with the same signatures as triton_ops (a column of the same table).
+CUDA_CASES = {"update-philox-f32", "update-philox-learned-f32", "update-noise-f32", "update-philox-bf16",
+              "spectral-c64", "blur-f32"}
+
+
+def _fft_baselines(shape) -> dict[str, Callable[[], Any]]:
+    """The blur's normal residual with four FFTs (A x, then A^H of the residual: the unfused way)
+    and the floor of two bare FFTs (one rfft2 + one irfft2 of the same size)."""
+    gen = torch.Generator("cuda").manual_seed(5)
+    x, y = _state(shape, torch.float32, 2, gen)
+    K = torch.fft.rfft2(torch.rand(shape[-2:], device="cuda", generator=gen))
+    s = shape[-2:]
+
+    def four() -> torch.Tensor:
+        ax = torch.fft.irfft2(K * torch.fft.rfft2(x), s=s)
+        return torch.fft.irfft2(K.conj() * torch.fft.rfft2(ax - y), s=s)
+
+    X = torch.fft.rfft2(x)
+    return {"fft4": four, "fft2": lambda: (torch.fft.rfft2(x), torch.fft.irfft2(X, s=s))}
+
+
+@pytest.mark.parametrize("impl", ["triton", "cuda", "torch", "copy", "fft4", "fft2"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel(benchmark, case: str, impl: str) -> None:
     build, (shape, dtype), kw = CASES[case]
-    fused, unfused, nbytes = build(shape, dtype, **kw)
+    if impl in ("fft4", "fft2") and case != "blur-f32":
+        pytest.skip("FFT baselines belong to the blur case")
+    if impl == "cuda":
+        from dps_fast._cuda import load_extension
+
+        if case not in CUDA_CASES or load_extension() is None:
+            pytest.skip("no CUDA-extension op for this case" if case not in CUDA_CASES else "extension unavailable")
+        from dps_fast.backends import cuda_ops
+
+        fused, unfused, nbytes = build(shape, dtype, ops=cuda_ops, **kw)
+    else:
+        fused, unfused, nbytes = build(shape, dtype, **kw)
+    if impl in ("fft4", "fft2"):
+        fused = _fft_baselines(shape)[impl]
     if impl == "copy":
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         fn = lambda: dst.copy_(src)  # noqa: E731
     else:
-        fn = fused if impl == "triton" else unfused
+        fn = unfused if impl == "torch" else fused
     fn()  # compile / warm up outside the timing
     torch.cuda.synchronize()
 
@@ -155,6 +189,10 @@ def test_kernel(benchmark, case: str, impl: str) -> None:
     benchmark(timed)
     seconds = cuda_timer(fn)
     extra: dict[str, Any] = dict(impl=impl, op=case, dtype=str(dtype).replace("torch.", ""), shape=list(shape))
-    if impl == "triton":
+    if impl in ("triton", "cuda"):
         extra["speedup_vs_torch"] = round(cuda_timer(unfused, warmup=1, reps=5) / seconds, 2)
+    if impl in ("triton", "cuda") and case == "blur-f32":
+        base = _fft_baselines(shape)
+        extra["speedup_vs_four_ffts"] = round(cuda_timer(base["fft4"], warmup=1, reps=5) / seconds, 2)
+        extra["ratio_to_two_bare_ffts"] = round(seconds / cuda_timer(base["fft2"], warmup=1, reps=5), 2)
     record(benchmark, nbytes, seconds, copy_gbps(nbytes), **extra)
