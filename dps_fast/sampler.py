@@ -100,6 +100,9 @@ class DPS:
             step on CPU, only at the end on CUDA (the flag records the first bad step either way).
         cuda_graph: capture one guided step as a CUDA graph and replay it for every step (CUDA,
             backend "torch" or "triton"; see :mod:`dps_fast.graphs`).
+        checkpointing: switch the network's activation checkpointing on/off (models with
+            ``set_checkpointing``, e.g. ADMUNet): recompute in the VJP to fit very large batches;
+            None leaves the model as it is.
 
     Example:
         >>> from dps_fast import DPS, NoiseSchedule, operators, priors
@@ -119,6 +122,7 @@ class DPS:
         clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
         backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
         channels_last: bool = False, check_every: Optional[int] = None, cuda_graph: bool = False,
+        checkpointing: Optional[bool] = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model: expected a callable eps(x_t, t), got {type(model).__name__}")
@@ -160,6 +164,12 @@ class DPS:
         self.channels_last = channels_last
         self.check_every = check_every
         self.cuda_graph = bool(cuda_graph)
+        if checkpointing is not None:
+            setter = getattr(model, "set_checkpointing", None)
+            if setter is None:
+                raise ValueError(f"checkpointing: {type(model).__name__} has no set_checkpointing(); "
+                                 f"expected a model such as ADMUNet, got checkpointing={checkpointing!r}")
+            setter(bool(checkpointing))
         self._net: Optional[ScoreNetwork] = None
         self._backends: dict[torch.device, Backend] = {}
 

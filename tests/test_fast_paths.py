@@ -118,3 +118,19 @@ def test_nvtx_ranges_mark_each_phase(monkeypatch):
     A, net, y = _problem("blur")
     DPS(net, NoiseSchedule.linear(1000).respace(2), A, backend="torch", compile=False).sample(y, seed=0)
     assert seen[:8] == ["forward", "/forward", "operator", "/operator", "vjp", "/vjp", "update", "/update"]
+
+
+def test_checkpointing_option_gives_the_same_samples():
+    from dps_fast.models import ADMUNet
+
+    torch.manual_seed(0)
+    net = ADMUNet.from_config("tiny32").eval()
+    A = operators.Inpainting.box((32, 32), (8, 8))
+    y = A(torch.rand(1, 3, 32, 32) * 2 - 1)
+    sched = NoiseSchedule.linear(1000).respace(3)
+    plain = DPS(net, sched, A, zeta=0.5, sigma_n=0.05, compile=False, checkpointing=False).sample(y, seed=0)
+    ckpt = DPS(net, sched, A, zeta=0.5, sigma_n=0.05, compile=False, checkpointing=True)
+    assert net.use_checkpoint
+    torch.testing.assert_close(ckpt.sample(y, seed=0).samples, plain.samples, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="checkpointing"):
+        DPS(lambda x, t: x, sched, A, checkpointing=True)
