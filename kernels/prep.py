@@ -74,6 +74,16 @@ def tweedie_x0(x, eps, coefs_ptr, lo_hi, lo_lo, hi_hi, hi_lo, CLIP: tl.constexpr
 
 
 @triton.jit
+def sample_block(S, nblocks, BLOCK: tl.constexpr):
+    """This program's block of one sample on the flat (sample x block) grid: the sample ``n``,
+    the element indices ``j`` within it (the Philox counter), their mask and flat offsets."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // nblocks
+    j = (pid - n * nblocks) * BLOCK + tl.arange(0, BLOCK)
+    return n, j, j < S, n * S + j
+
+
+@triton.jit
 def _tweedie_kernel(x_ptr, eps_ptr, coefs_ptr, out_ptr, numel, lo_hi, lo_lo, hi_hi, hi_lo,
                     CLIP: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
     if F64:
@@ -112,11 +122,7 @@ def _prep_kernel(x_ptr, eps_ptr, y_ptr, mask_ptr, coefs_ptr, x0_ptr, w_ptr, part
         ct = tl.float64
     else:
         ct = tl.float32
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // nblocks
-    j = (pid - n * nblocks) * BLOCK + tl.arange(0, BLOCK)
-    m = j < S
-    offs = n * S + j
+    n, j, m, offs = sample_block(S, nblocks, BLOCK)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ct)
     eps = tl.load(eps_ptr + offs, mask=m, other=0.0).to(ct)
     y = tl.load(y_ptr + offs, mask=m, other=0.0).to(ct)
@@ -136,7 +142,7 @@ def _prep_kernel(x_ptr, eps_ptr, y_ptr, mask_ptr, coefs_ptr, x0_ptr, w_ptr, part
     tl.store(x0_ptr + offs, cast_to(x0, x0_ptr), mask=m)
     tl.store(w_ptr + offs, cast_to(w, w_ptr), mask=m)
     r = tl.where(m, r, 0.0)
-    tl.store(part_ptr + pid, tl.sum(r * r, axis=0))
+    tl.store(part_ptr + tl.program_id(0).to(tl.int64), tl.sum(r * r, axis=0))
 
 
 def clip_words(clip: tuple[float, float] | None) -> tuple[float, float, float, float]:

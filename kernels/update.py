@@ -14,7 +14,7 @@ import triton.language as tl
 from ..schedule import Coef
 from .launch import elementwise_config, per_sample_grid
 from .philox import philox_normal, seed_key
-from .prep import cast_to, clip_words, tweedie_x0
+from .prep import cast_to, clip_words, sample_block, tweedie_x0
 
 __all__ = ["dps_update", "VARIANCE_CODES"]
 
@@ -42,11 +42,7 @@ def _dps_update_kernel(
         ct = tl.float64
     else:
         ct = tl.float32
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // nblocks
-    j = (pid - n * nblocks) * BLOCK + tl.arange(0, BLOCK)
-    m = j < S
-    offs = n * S + j
+    n, j, m, offs = sample_block(S, nblocks, BLOCK)
 
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ct)
     eps = tl.load(eps_ptr + offs, mask=m, other=0.0).to(ct)
