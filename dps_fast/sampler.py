@@ -171,6 +171,7 @@ class DPS:
                                  f"expected a model such as ADMUNet, got checkpointing={checkpointing!r}")
             setter(bool(checkpointing))
         self._net: Optional[ScoreNetwork] = None
+        self._auto_variance: Optional[str] = None
         self._backends: dict[torch.device, Backend] = {}
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -238,11 +239,18 @@ class DPS:
             clip=self.clip_x0, variance=variance, seeds=seeds.reshape(-1).to(dev), channels=x_shape[1])
 
     def _resolve_variance(self, x: torch.Tensor, p: StepProblem, net: ScoreNetwork) -> str:
+        """The explicit ``variance``, else "learned_range" when the model returns 2C channels.
+
+        Decided once per sampler with one uncompiled no-grad forward of one sample, so that a
+        compiled network is never compiled for this side call."""
         if self.variance is not None:
             return self.variance
-        with torch.no_grad():
-            _, out = net.forward(x[:1], p.t[-1, :1], graph=False)
-        return "learned_range" if out.dim() == x.dim() and out.shape[1] == 2 * x.shape[1] else "fixed_small"
+        if self._auto_variance is None:
+            with torch.no_grad():
+                out = net.model(x[:1], p.t[-1, :1])
+            learned = out.dim() == x.dim() and out.shape[1] == 2 * x.shape[1]
+            self._auto_variance = "learned_range" if learned else "fixed_small"
+        return self._auto_variance
 
     # ---- public API -----------------------------------------------------------------------
     def prepare(self, y: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None,

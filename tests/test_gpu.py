@@ -68,3 +68,19 @@ def test_bf16_autocast_runs_and_stays_close():
     assert a.samples.dtype == torch.float32
     err = float((a.samples - b.samples).norm() / b.samples.norm())
     assert err < 0.25, err  # the tolerance documented in tests/test_fast_paths.py
+
+
+def test_update_with_ten_thousand_samples_of_a_small_image():
+    """The Triton update at N = 10^4 samples of a 3x8x8 image equals the torch op (fresh inputs)."""
+    from dps_fast.backends import torch_ops, triton_ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (10_000, 3, 8, 8)
+    x, eps, w, u = (torch.randn(shape, device="cuda", generator=g) for _ in range(4))
+    coefs = NoiseSchedule.linear(1000).table(torch.float32, "cuda")[321]
+    gscale = torch.rand(shape[0], device="cuda", generator=g)
+    seeds = torch.randint(0, 2**62, (shape[0],), device="cuda", generator=g)
+    out = torch.full_like(x, float("nan"))
+    triton_ops.dps_update(x, eps, w, u, gscale, coefs, 321, clip=(-1, 1), seeds=seeds, out=out)
+    ref = torch_ops.dps_update(x, eps, w, u, gscale, coefs, 321, clip=(-1, 1), seeds=seeds)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
