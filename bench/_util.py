@@ -51,6 +51,7 @@ def gpu_info(device: torch.device | int | None = None) -> dict[str, Any]:
                     memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
         info["device"] = "cpu"
+        info["cpu_threads"] = torch.get_num_threads()
     return info
 
 

@@ -42,8 +42,10 @@ VARIANTS = {
 }
 CPU_VARIANTS = ("eager",)
 CASES = [("tiny32", 4)] if not CUDA else [("ffhq256", b) for b in (1, 8, 32)]
-# torch.compile of the 94M-parameter UNet takes minutes: one batch size unless asked for more.
-COMPILE_BATCHES = {8} if os.environ.get("DPS_BENCH_COMPILE_ALL") is None else {1, 8, 32}
+# Which variants the GPU suite times at each batch (it must fit its 8-minute budget; torch.compile
+# of the 94M-parameter UNet alone takes minutes). DPS_BENCH_FULL=1 times every combination.
+GPU_MATRIX = {1: {"eager", "bf16+graph"}, 8: set(VARIANTS), 32: {"bf16", "bf16+graph"}}
+FULL = os.environ.get("DPS_BENCH_FULL") is not None
 
 
 def _model(config: str) -> torch.nn.Module:
@@ -124,8 +126,8 @@ def _matmul_tflops() -> float:
 def test_dps_step(benchmark, config, batch, variant):
     if not CUDA and variant not in CPU_VARIANTS:
         pytest.skip(f"{variant}: GPU-only variant")
-    if VARIANTS[variant][1] and batch not in COMPILE_BATCHES:
-        pytest.skip("compile variant measured at one batch size (DPS_BENCH_COMPILE_ALL=1 for all)")
+    if CUDA and not FULL and variant not in GPU_MATRIX.get(batch, set()):
+        pytest.skip(f"{variant} is not timed at batch {batch} by default (DPS_BENCH_FULL=1 for all)")
     if variant == "cuda":
         from dps_fast._cuda import load_extension
 
@@ -137,8 +139,8 @@ def test_dps_step(benchmark, config, batch, variant):
     with net.frozen():
         floor = _floor(net, p, x)
         base = _baseline(model, A, y)
-        med = interleaved_medians({"ours": step, "floor": floor, "original": base}, reps=5 if CUDA else 7,
-                                  warmup=2, device=DEV)
+        med = interleaved_medians({"ours": step, "floor": floor, "original": base}, reps=3 if CUDA else 7,
+                                  warmup=1 if CUDA else 2, device=DEV)
         mem = {"ours": peak_bytes(step, DEV), "floor": peak_bytes(floor, DEV)}
         mem["original"] = peak_bytes(base, DEV)
         info = gpu_info() | {
@@ -154,7 +156,7 @@ def test_dps_step(benchmark, config, batch, variant):
                 info["bf16_matmul_tflops"] = _matmul_tflops()
                 info["pct_of_bf16_matmul"] = 100.0 * tflops / info["bf16_matmul_tflops"]
         benchmark.extra_info.update(info)
-        benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1,
+        benchmark.pedantic(step, rounds=3 if CUDA else 5, iterations=1, warmup_rounds=1,
                            setup=(lambda: torch.cuda.synchronize()) if CUDA else None)
     if not CUDA:
         # what must hold everywhere (network issue): a full step costs at most 5% over the floor
