@@ -108,8 +108,8 @@ class DPS:
         >>> from dps_fast import DPS, NoiseSchedule, operators, priors
         >>> prior = priors.GaussianPrior(torch.zeros(4), torch.eye(4))
         >>> sched = NoiseSchedule.linear(1000).respace(50)
-        >>> A = operators.Matrix(torch.randn(2, 4))
-        >>> dps = DPS(prior.eps_model(sched), sched, A, zeta=0.5, sigma_n=0.1)
+        >>> A = operators.Matrix(torch.randn(2, 4) / 2)
+        >>> dps = DPS(prior.eps_model(sched), sched, A, zeta=0.005, sigma_n=0.1)
         >>> res = dps.sample(torch.zeros(1, 1, 2), num_samples=8, seed=0)
         >>> res.samples.shape
         torch.Size([1, 8, 1, 4])

@@ -1,0 +1,18 @@
+"""The docstring examples of the public modules run and print what they claim."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["dps_fast.schedule", "dps_fast.noise", "dps_fast.sampler", "dps_fast.operators.blur",
+           "dps_fast.operators.masks", "dps_fast.operators.matrix", "dps_fast.operators.superres",
+           "dps_fast.priors.gaussian", "dps_fast.priors.mixture"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    mod = importlib.import_module(name)
+    result = doctest.testmod(mod, extraglobs={"torch": importlib.import_module("torch")}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+    assert result.attempted > 0, f"{name} has no example"
