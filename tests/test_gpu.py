@@ -84,3 +84,24 @@ def test_update_with_ten_thousand_samples_of_a_small_image():
     triton_ops.dps_update(x, eps, w, u, gscale, coefs, 321, clip=(-1, 1), seeds=seeds, out=out)
     ref = torch_ops.dps_update(x, eps, w, u, gscale, coefs, 321, clip=(-1, 1), seeds=seeds)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_reconstruct_auto_batch_measures_checkpointing(tmp_path):
+    """--batch-size auto on CUDA: probe memory with and without activation checkpointing, keep the
+    faster in images/s, record both in the manifest, and produce every output."""
+    import json
+
+    from dps_fast import reconstruct
+    from dps_fast.models import ADMUNet
+
+    torch.manual_seed(0)
+    model = ADMUNet.from_config("tiny32").eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    summary = reconstruct(x, tmp_path / "out", model, operators.GaussianBlur(1.5), steps=3, samples=2,
+                          batch_size="auto", device="cuda", compile=False, progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    batch = manifest["batch"]
+    assert batch["mode"] == "probe" and isinstance(batch["checkpointing"], bool)
+    assert set(batch["checkpointing_rows_per_s"]) == {"off", "on"} and batch["rows"] >= 1
+    assert model.use_checkpoint == batch["checkpointing"]
+    assert summary is not None and len(list((tmp_path / "out" / "items").iterdir())) == 3

@@ -502,3 +502,20 @@ def test_diffusers_folder_model(assets, tmp_path):
     assert m["settings"]["schedule"] == runner_mod._schedule_id(want)  # the folder's (cosine) betas
     y = torch.load(out / ITEMS / "img0" / TENSORS, weights_only=True)["measurement"]
     assert (y[:, 8:24, 8:24].abs() <= 0.25).all()  # the centred 16x16 box holds only noise
+
+
+def test_checkpointing_is_chosen_by_measured_throughput():
+    from dps_fast.reconstruct.batching import pick_checkpointing
+
+    calls = []
+
+    def measure(flag):
+        calls.append(flag)
+        return (64, 2.0) if flag else (16, 1.0)  # on: 32 rows/s, off: 16 rows/s
+
+    on, info = pick_checkpointing(measure)
+    assert on and calls == [False, True] and info["checkpointing_rows_per_s"] == {"off": 16.0, "on": 32.0}
+    assert "rows" not in info  # merged into the manifest's batch info beside its own "rows"
+    # when everything already fits without it, recomputation only costs time
+    off, _ = pick_checkpointing(lambda flag: (16, 1.3) if flag else (16, 1.0))
+    assert not off

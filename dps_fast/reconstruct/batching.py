@@ -29,7 +29,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Job", "is_oom", "stream_chunks", "auto_rows", "CPU_ROWS", "MAX_ROWS"]
+__all__ = ["Job", "is_oom", "stream_chunks", "auto_rows", "pick_checkpointing", "time_step", "CPU_ROWS",
+           "MAX_ROWS"]
 
 #: Rows per call on CPU when the batch size is "auto": 8 rows gave 2.1x the images/s of 1 row
 #: (tiny32, 2 steps, 2 cores; bench/test_reconstruct_throughput.py), 4 rows 1.9x.
@@ -211,3 +212,43 @@ def auto_rows(
     logger.info("auto batch: %.1f MiB per row + %.1f MiB, %.1f GiB free -> %d rows per call",
                 per_row / 2**20, fixed / 2**20, free / 2**30, rows)
     return rows, info
+
+
+def time_step(step: Callable[[int], None], rows: int, device: torch.device, reps: int = 2) -> float:
+    """Seconds of one ``step(rows)`` (after one warm-up call; the faster of ``reps`` timed calls)."""
+    import time
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step(rows)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    once()
+    return min(once() for _ in range(max(1, reps)))
+
+
+def pick_checkpointing(measure: Callable[[bool], tuple[int, float]]) -> tuple[bool, dict[str, Any]]:
+    """Whether activation checkpointing raises the throughput: measured, not guessed.
+
+    ``measure(flag)`` sets the network's checkpointing to ``flag`` and returns ``(rows, seconds)``:
+    the chunk that fits with it and the time of one step at that chunk. Checkpointing recomputes
+    activations in the VJP (slower per row) but frees memory for larger chunks; the flag with the
+    higher rows per second wins (ties keep it off).
+
+    Example:
+        >>> pick_checkpointing(lambda on: (64, 2.0) if on else (16, 1.0))[0]
+        True
+    """
+    res = {flag: measure(flag) for flag in (False, True)}
+    rate = {flag: rows / max(sec, 1e-12) for flag, (rows, sec) in res.items()}
+    best = rate[True] > rate[False]
+    info = {"checkpointing": best,
+            "checkpointing_rows": {"off": res[False][0], "on": res[True][0]},
+            "checkpointing_rows_per_s": {"off": round(rate[False], 3), "on": round(rate[True], 3)}}
+    logger.info("auto batch: checkpointing %s (%.1f rows/s off at %d rows, %.1f on at %d rows)",
+                "on" if best else "off", rate[False], res[False][0], rate[True], res[True][0])
+    return best, info

@@ -57,7 +57,7 @@ from ..operators.base import LinearOperator
 from ..sampler import DPS
 from ..schedule import NoiseSchedule
 from . import distributed
-from .batching import auto_rows, stream_chunks
+from .batching import auto_rows, pick_checkpointing, stream_chunks, time_step
 from .data import (DONE, MANIFEST, METRICS, TENSORS, DataSource, InputError, item_dir, open_dataset,
                    open_measurements, read_json, remove_stale_tmp, save_png, save_tensors, write_json)
 from .metrics import psnr, ssim
@@ -430,14 +430,33 @@ def reconstruct(
         elif dev.type == "cuda" and (manifest.get("batch") or {}).get("mode") == "probe":
             rows = int(manifest["batch"]["rows"])  # resume with the chunk size of the first run
             batch_info = dict(manifest["batch"], reused=True)
+            if "checkpointing" in batch_info and hasattr(model, "set_checkpointing"):
+                model.set_checkpointing(bool(batch_info["checkpointing"]))
         else:
             if dev.type == "cuda" and (x_shape is None or y_shape is None):
                 raise ValueError("batch_size: 'auto' needs the model's image size; pass image_size= or a fixed batch")
             probe = probe_step(dps, x_shape, y_shape, dev) if x_shape is not None else (lambda r: None)
-            rows, batch_info = auto_rows(probe, dev, samples, max_rows=total_rows)
+            ckpt_info: dict[str, Any] = {}
+            if dev.type == "cuda" and hasattr(model, "set_checkpointing"):
+                measured: dict[bool, tuple[int, dict[str, Any]]] = {}
+
+                def measure(flag: bool) -> tuple[int, float]:
+                    model.set_checkpointing(flag)
+                    r, info = auto_rows(probe, dev, samples, max_rows=total_rows)
+                    measured[flag] = (r, info)
+                    return r, time_step(probe, r, dev)
+
+                use_ckpt, ckpt_info = pick_checkpointing(measure)
+                # Every rank follows rank 0's choice (identical GPUs measure alike).
+                use_ckpt = bool(distributed.all_gather_object(ctx, use_ckpt)[0])
+                model.set_checkpointing(use_ckpt)
+                rows, batch_info = measured[use_ckpt]
+                ckpt_info["checkpointing"] = use_ckpt
+            else:
+                rows, batch_info = auto_rows(probe, dev, samples, max_rows=total_rows)
             # One chunk size for every rank: same shapes, same floating-point results.
             rows = min(distributed.all_gather_object(ctx, rows))
-            batch_info["rows"] = rows
+            batch_info = dict(batch_info, rows=rows, **ckpt_info)
         manifest["batch"] = batch_info
         if ctx.is_main:  # written before any item, so an interrupted run leaves its settings (and chunk size)
             out.mkdir(parents=True, exist_ok=True)
