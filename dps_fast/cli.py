@@ -45,12 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=64, help="posterior samples (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
-    try:
-        from .reconstruct.cli import add_parser, run
-    except ImportError:  # pragma: no cover - the package ships it
-        pass
-    else:
-        add_parser(sub).set_defaults(func=run)
+    from .reconstruct.cli import add_parser, run
+
+    add_parser(sub).set_defaults(func=run)
     return parser
 
 

@@ -220,7 +220,7 @@ class DPS:
         return x_shape, dtype
 
     def _problem(self, y: torch.Tensor, num_samples: int, seeds: torch.Tensor, x_shape: tuple[int, ...],
-                 dtype: torch.dtype, variance: str) -> StepProblem:
+                 dtype: torch.dtype) -> StepProblem:
         b, dev = y.shape[0], y.device
         n = b * num_samples
         if len(self._modes) not in (1, b):
@@ -230,15 +230,18 @@ class DPS:
         y_rep = y.repeat_interleave(num_samples, 0) if num_samples > 1 else y
         k = self.schedule.num_steps
         t = self.schedule.timesteps.to(dev).view(k, 1).expand(k, n).contiguous()
+        net = self._network(dev)
         return StepProblem(
-            net=self._network(dev), operator=self.operator, meas=self.operator.prepare(y_rep),
+            net=net, operator=self.operator, meas=self.operator.prepare(y_rep),
             table=self.schedule.table(dtype, dev), t=t,
             zeta=zeta.repeat_interleave(num_samples).to(device=dev, dtype=dtype),
             normalized=normalized.repeat_interleave(num_samples).to(dev),
             inv_two_sigma2=0.5 / self.sigma_n**2 if self.sigma_n > 0 else 0.0,
-            clip=self.clip_x0, variance=variance, seeds=seeds.reshape(-1).to(dev), channels=x_shape[1])
+            clip=self.clip_x0, variance=self._resolve_variance(x_shape, dtype, t[-1, :1], net),
+            seeds=seeds.reshape(-1).to(dev), channels=x_shape[1])
 
-    def _resolve_variance(self, x: torch.Tensor, p: StepProblem, net: ScoreNetwork) -> str:
+    def _resolve_variance(self, x_shape: tuple[int, ...], dtype: torch.dtype, t: torch.Tensor,
+                          net: ScoreNetwork) -> str:
         """The explicit ``variance``, else "learned_range" when the model returns 2C channels.
 
         Decided once per sampler with one uncompiled no-grad forward of one sample, so that a
@@ -246,8 +249,9 @@ class DPS:
         if self.variance is not None:
             return self.variance
         if self._auto_variance is None:
+            x = torch.zeros((1,) + tuple(x_shape[1:]), dtype=dtype, device=t.device)
             with torch.no_grad():
-                out = net.model(x[:1], p.t[-1, :1])
+                out = net.model(x, t)
             learned = out.dim() == x.dim() and out.shape[1] == 2 * x.shape[1]
             self._auto_variance = "learned_range" if learned else "fixed_small"
         return self._auto_variance
@@ -272,12 +276,10 @@ class DPS:
             seeds = seeds.cpu()
         else:
             seeds = seeds_from(generator, n, seed).view(b, num_samples)
-        p = self._problem(y, num_samples, seeds, x_shape, dtype, self.variance or "fixed_small")
+        p = self._problem(y, num_samples, seeds, x_shape, dtype)
         numel = math.prod(x_shape[1:])
         x = philox_normal(p.seeds, numel, self.schedule.num_steps, STREAM_INIT, dtype)
-        x = x.view((n,) + tuple(x_shape[1:]))
-        p.variance = self._resolve_variance(x, p, p.net)
-        return p, x
+        return p, x.view((n,) + tuple(x_shape[1:]))
 
     def step(self, x_t: torch.Tensor, i: int, y: torch.Tensor, noise: torch.Tensor,
              num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,10 +299,8 @@ class DPS:
             if tsr.dtype != dtype or tsr.device != y.device:
                 raise TypeError(f"{name}: expected {dtype} on {y.device}, got {tsr.dtype} on {tsr.device}")
         seeds = torch.zeros(n, dtype=torch.int64)
-        p = self._problem(y, num_samples, seeds, x_shape, dtype, self.variance or "fixed_small")
-        net = p.net
-        p.variance = self._resolve_variance(x_t, p, net)
-        with net.frozen():
+        p = self._problem(y, num_samples, seeds, x_shape, dtype)
+        with p.net.frozen():
             out = self.backend(y.device).step(p, x_t, i, noise=noise)
         return out.x, out.x0hat
 

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from ..noise import STREAM_STEP, philox_normal
-from ..operators.base import LinearOperator, Measurement
+from ..operators.base import LinearOperator, Measurement, residual_norm2
 from ..profiling import nvtx_range
 from ..schedule import Coef
 from . import torch_ops
@@ -139,7 +139,7 @@ class ReferenceBackend(Backend):
         if p.clip is not None:
             x0 = x0.clamp(p.clip[0], p.clip[1])
         r = p.operator.forward(x0) - p.meas.y
-        rnorm2 = (r.abs().square() if r.is_complex() else r.square()).flatten(1).sum(1)
+        rnorm2 = residual_norm2(r)
         x0hat = x0.detach()
         if final:
             return StepOutput(None, x0hat, rnorm2.detach(), 1)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LinearOperator", "Measurement", "check_signal"]
+__all__ = ["LinearOperator", "Measurement", "check_signal", "residual_norm2"]
 
 
 def check_signal(x: torch.Tensor, name: str = "x") -> int:
@@ -25,6 +25,11 @@ def check_signal(x: torch.Tensor, name: str = "x") -> int:
     if x.dim() not in (3, 4):
         raise ValueError(f"{name}: expected [B, C, L] or [B, C, H, W], got shape {tuple(x.shape)}")
     return x.dim() - 2
+
+
+def residual_norm2(r: torch.Tensor) -> torch.Tensor:
+    """``||r_n||^2`` per sample ``[N]`` of a real or complex residual ``[N, ...]``."""
+    return (r.abs().square() if r.is_complex() else r.square()).flatten(1).sum(1)
 
 
 @dataclass
@@ -75,8 +80,7 @@ class LinearOperator:
     def residual(self, x: torch.Tensor, meas: Measurement) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A^H(A x - y), ||A x - y||^2 per sample [N])``; operators override to fuse."""
         r = self.forward(x) - meas.y
-        rnorm2 = r.abs().square().flatten(1).sum(1) if r.is_complex() else r.square().flatten(1).sum(1)
-        return self.adjoint(r), rnorm2
+        return self.adjoint(r), residual_norm2(r)
 
     def as_matrix(self, sample_shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense matrix ``[m, d]`` of ``A`` on one sample of shape ``sample_shape`` ([C, *S])."""
