@@ -13,9 +13,11 @@
     match torch_ops / dps_fast.noise (Philox words bit for bit).
 
 A CPU-only torch wheel lacks two things the compile checks need, which are supplied here and only
-here: c10/cuda/impl/cuda_cmake_macros.h (a one-line generated config header of CUDA builds), and,
-when neither the toolkit nor a pip package provides it, cufft.h (a declaration-only stand-in for
-the documented cuFFT C API subset dps_fft.cu uses). Which one was used is written to the log.
+here: c10/cuda/impl/cuda_cmake_macros.h (a one-line generated config header of CUDA builds), and
+cufft.h when the toolkit has none: the real header, from NVIDIA's ``nvidia-cufft`` pip wheel
+(downloaded once and cached, tests/cuda/cufft_header.py), or, only when that cannot be fetched
+(no network), a declaration-only stand-in for the documented cuFFT C API subset dps_fft.cu uses.
+The stand-in is named in a warning and in the skip reason of test_compiled_against_real_cufft_header.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +45,7 @@ from dps_fast.backends import cuda_ops, torch_ops
 from dps_fast.noise import philox4x32, philox_normal
 from dps_fast.schedule import Coef, NoiseSchedule
 from tests.conftest import TOL, rel_err
+from tests.cuda.cufft_header import real_cufft_include
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +279,21 @@ def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cufft_include(build_dir: Path) -> tuple[str, str]:
-    """(include dir holding cufft.h, 'real' or 'stand-in')."""
+    """(include dir holding cufft.h, how it was found). The stand-in only as a last resort."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
     inc, _ = _build.find_cufft()
     if inc is not None:
-        return inc, "real"
+        return inc, f"real (toolkit or installed package: {inc})"
+    inc, how = real_cufft_include(NVCC)
+    if inc is not None:
+        return inc, f"real ({how})"
     d = build_dir / "cufft_standin"
     d.mkdir(exist_ok=True)
     (d / "cufft.h").write_text(CUFFT_STANDIN)
-    return str(d), "stand-in"
+    why = f"stand-in: no cufft.h in the toolkit and the nvidia-cufft wheel could not be fetched ({how})"
+    warnings.warn(f"csrc/ is compile-checked against a declaration-only cufft.h {why}", stacklevel=1)
+    return str(d), why
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +337,22 @@ def test_cu_compiles_sm80_sm90(src: str, cu_objects: dict) -> None:
     proc, obj = cu_objects[src]
     assert proc.returncode == 0, f"nvcc failed on {src}:\n{proc.stdout}\n{proc.stderr}"
     assert obj.is_file() and obj.stat().st_size > 0
+
+
+@needs_nvcc
+def test_compiled_against_real_cufft_header(cufft_include: tuple[str, str], cu_objects: dict) -> None:
+    """csrc/ compiled against NVIDIA's cufft.h, and the stand-in (kept for offline machines) agrees
+    with it on every enum value it declares."""
+    inc, how = cufft_include
+    if how.startswith("stand-in"):
+        pytest.skip(f"compiled against the cufft.h {how}")
+    log.info("cufft.h: %s", how)
+    real = (Path(inc) / "cufft.h").read_text()
+    for name in ("cufftMakePlanMany64", "cufftSetWorkArea", "cufftExecR2C", "cufftExecZ2D", "cufftSetAutoAllocation"):
+        assert re.search(rf"\b{name}\s*\(", real), name
+    for name, value in re.findall(r"(CUFFT_\w+)\s*=\s*(0x[0-9A-Fa-f]+)", CUFFT_STANDIN):
+        m = re.search(rf"\b{name}\s*=\s*(0x[0-9A-Fa-f]+|\d+)", real)
+        assert m and int(m.group(1), 0) == int(value, 0), name
 
 
 @pytest.mark.parametrize("src", [p.name for p in CU_FILES])
