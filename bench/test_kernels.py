@@ -38,6 +38,11 @@ BIG = (128, 3, 256, 256)       # 25.2 M elements: 96 MiB in float32
 BIG_BF16 = (256, 3, 256, 256)  # 96 MiB in bfloat16
 
 
+def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The coefficient rows the ops take: float32 for float32/bfloat16 states, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _nbytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -55,7 +60,7 @@ def _update(shape, dtype, noise: str, variance: str, ops=ops) -> Case:
     v = v.clamp(-1, 1)
     gscale = torch.rand(shape[0], device="cuda", generator=gen)
     seeds = torch.randint(0, 2**62, (shape[0],), device="cuda", generator=gen)
-    coefs = SCHEDULE.table(dtype, "cuda")[STEP]
+    coefs = SCHEDULE.table(_coef_dtype(dtype), "cuda")[STEP]
     out = torch.empty_like(x)
     z = z if noise == "explicit" else None
     kw = dict(coefs=coefs, step=STEP, clip=CLIP, variance=variance,
@@ -70,7 +75,7 @@ def _prep(shape, dtype, ops=ops) -> Case:
     gen = torch.Generator("cuda").manual_seed(1)
     x, eps, y = _state(shape, dtype, 3, gen)
     mask = torch.rand(shape[1:], device="cuda", generator=gen) > 0.5
-    coefs = SCHEDULE.table(dtype, "cuda")[STEP]
+    coefs = SCHEDULE.table(_coef_dtype(dtype), "cuda")[STEP]
     return (lambda: ops.prep_elementwise(x, eps, coefs, CLIP, y, mask),
             lambda: ref_ops.prep_elementwise(x, eps, coefs, CLIP, y, mask.to(dtype)),
             _nbytes(x, eps, y, mask) + 2 * _nbytes(x))
@@ -79,7 +84,7 @@ def _prep(shape, dtype, ops=ops) -> Case:
 def _tweedie(shape, dtype, ops=ops) -> Case:
     gen = torch.Generator("cuda").manual_seed(2)
     x, eps = _state(shape, dtype, 2, gen)
-    coefs = SCHEDULE.table(dtype, "cuda")[STEP]
+    coefs = SCHEDULE.table(_coef_dtype(dtype), "cuda")[STEP]
     return (lambda: ops.tweedie(x, eps, coefs, CLIP), lambda: ref_ops.tweedie(x, eps, coefs, CLIP),
             3 * _nbytes(x))
 

@@ -68,6 +68,25 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, co
   TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have ", ref_name, "'s shape ", ref.sizes(), ", got ", t.sizes());
 }
 
+// Same device, dtype and shape as `ref`, each sample t[n] contiguous (channel slices of a model
+// output qualify): returns the element stride between samples.
+int64_t check_rows_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ", ref.device(), ", got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name, "'s dtype ", ref.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have ", ref_name, "'s shape ", ref.sizes(), ", got ", t.sizes());
+  int64_t expect = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expect, name,
+                " must have contiguous samples (t[n] contiguous; a sample stride is fine), got sizes ", t.sizes(),
+                " with strides ", t.strides());
+    expect *= t.size(d);
+  }
+  return t.size(0) > 1 ? t.stride(0) : expect;
+}
+
 // A per-sample vector [N] on ref's device.
 void check_per_sample(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype) {
   check_cuda(t, name);
@@ -88,22 +107,23 @@ void dps_update_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tenso
   check_cuda(x, "x");
   const DType dtype = real_dtype(x.scalar_type(), "x", /*allow_half=*/true);
   TORCH_CHECK(x.dim() >= 1, "x must be [N, *S], got a 0-d tensor");
-  check_like(eps, "eps", x, "x");
+  const int64_t eps_stride = check_rows_like(eps, "eps", x, "x");
   check_like(w, "w", x, "x");
   check_like(u, "u", x, "x");
   check_like(out, "out", x, "x");
-  check_per_sample(gscale, "gscale", x, x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_per_sample(gscale, "gscale", x, acc);
   check_cuda(coefs, "coefs");
   TORCH_CHECK(coefs.device() == x.device(), "coefs must be on x's device ", x.device(), ", got ", coefs.device());
-  TORCH_CHECK(coefs.scalar_type() == x.scalar_type(), "coefs must have x's dtype ", x.scalar_type(), ", got ",
-              coefs.scalar_type());
+  TORCH_CHECK(coefs.scalar_type() == acc, "coefs must be ", acc, " (the arithmetic type of a ", x.scalar_type(),
+              " state; a lower-precision row rounds sqrt(1/abar) ~157 by up to 0.2%), got ", coefs.scalar_type());
   TORCH_CHECK(coefs.dim() == 1 && coefs.size(0) >= dps_fast::coef::COUNT,
               "coefs must be one table row [", dps_fast::coef::COUNT, "], got shape ", coefs.sizes());
   TORCH_CHECK(variance >= 0 && variance <= 2,
               "variance must be 0 (fixed_small), 1 (fixed_large) or 2 (learned_range), got ", variance);
   const bool learned = variance == static_cast<int64_t>(dps_fast::Variance::LearnedRange);
   TORCH_CHECK(!learned || v.has_value(), "v: learned_range variance (2) needs the model's variance channels, got None");
-  if (learned) check_like(*v, "v", x, "x");
+  const int64_t v_stride = learned ? check_rows_like(*v, "v", x, "x") : -1;
   const bool has_noise = noise.has_value();
   TORCH_CHECK(has_noise || seeds.has_value(), "seeds: needed when noise is None");
   if (has_noise) check_like(*noise, "noise", x, "x");
@@ -132,6 +152,8 @@ void dps_update_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tenso
   a.x0hat = x0hat_out.has_value() ? x0hat_out->data_ptr() : nullptr;
   a.n_samples = n;
   a.per_sample = per_sample;
+  a.eps_stride = eps_stride;
+  a.v_stride = v_stride;
   a.step = static_cast<uint32_t>(static_cast<uint64_t>(step) & 0xFFFFFFFFull);
   a.clip = clip;
   a.lo = lo;
@@ -141,16 +163,16 @@ void dps_update_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tenso
 }
 
 // ---- noise -----------------------------------------------------------------------------------
-void check_noise_args(const at::Tensor& seeds, int64_t numel, const char* op) {
+void check_noise_args(const at::Tensor& seeds, int64_t numel, const char* op, const char* numel_name) {
   check_cuda(seeds, "seeds");
   TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.dim() == 1, op, ": seeds must be an int64 tensor [N], got ",
               seeds.scalar_type(), " of shape ", seeds.sizes());
-  TORCH_CHECK(numel >= 0 && numel < (int64_t{1} << 32), op, ": numel must be in [0, 2^32), got ", numel);
+  TORCH_CHECK(numel >= 0 && numel < (int64_t{1} << 32), op, ": ", numel_name, " must be in [0, 2^32), got ", numel);
 }
 
 at::Tensor philox_normal_cuda(const at::Tensor& seeds, int64_t numel, int64_t step, int64_t stream,
                               at::ScalarType dtype) {
-  check_noise_args(seeds, numel, "philox_normal");
+  check_noise_args(seeds, numel, "philox_normal", "numel");
   const DType dt = real_dtype(dtype, "philox_normal: dtype", /*allow_half=*/true);
   at::Tensor out = at::empty({seeds.size(0), numel}, seeds.options().dtype(dtype));
   if (out.numel() == 0) return out;
@@ -162,12 +184,12 @@ at::Tensor philox_normal_cuda(const at::Tensor& seeds, int64_t numel, int64_t st
   return out;
 }
 
-at::Tensor philox_words_cuda(const at::Tensor& seeds, int64_t numel, int64_t step, int64_t stream) {
-  check_noise_args(seeds, numel, "philox_words");
-  at::Tensor out = at::empty({seeds.size(0), numel, 4}, seeds.options().dtype(at::kInt));
+at::Tensor philox_words_cuda(const at::Tensor& seeds, int64_t calls, int64_t step, int64_t stream) {
+  check_noise_args(seeds, calls, "philox_words", "calls");
+  at::Tensor out = at::empty({seeds.size(0), calls, 4}, seeds.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
   c10::cuda::CUDAGuard guard(seeds.device());
-  check_launch(dps_fast::launch_philox_words(seeds.data_ptr<int64_t>(), seeds.size(0), numel,
+  check_launch(dps_fast::launch_philox_words(seeds.data_ptr<int64_t>(), seeds.size(0), calls,
                                              static_cast<uint32_t>(static_cast<uint64_t>(step) & 0xFFFFFFFFull),
                                              static_cast<uint32_t>(static_cast<uint64_t>(stream) & 0xFFFFFFFFull),
                                              out.data_ptr<int32_t>(), current_stream(seeds)));
@@ -211,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_residual_cuda(const at::Tensor& X, c
   for (int64_t d = 2; d < X.dim() - 1; ++d) npix *= X.size(d);
 
   c10::cuda::CUDAGuard guard(X.device());
-  const int64_t blocks = dps_fast::spectral_blocks_per_sample(n, per_sample);
+  const int64_t blocks = dps_fast::spectral_blocks_per_sample(dt, n, per_sample);
   at::Tensor partials = at::empty({n * blocks}, rnorm2.options());
   dps_fast::SpectralArgs a;
   a.dtype = dt;
@@ -271,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> blur_normal_residual_cuda(const at::Tensor& x
   size_t work_bytes = 0;
   check_launch(dps_fast::blur_fft_work_bytes(dt, a.ndim, a.signal, a.batch, &work_bytes));
   at::Tensor work = at::empty({static_cast<int64_t>(work_bytes)}, x0hat.options().dtype(at::kByte));
-  a.blocks_per_sample = dps_fast::spectral_blocks_per_sample(n, spectrum.numel() / n);
+  a.blocks_per_sample = dps_fast::spectral_blocks_per_sample(dt, n, spectrum.numel() / n);
   at::Tensor partials = at::empty({n * a.blocks_per_sample}, rnorm2.options());
   a.x0hat = x0hat.data_ptr();
   a.K = K.data_ptr();
@@ -296,7 +318,7 @@ TORCH_LIBRARY(dps_fast, m) {
   m.def("spectral_residual(Tensor X, Tensor K, Tensor Y, int n_last) -> (Tensor, Tensor)");
   m.def("blur_normal_residual(Tensor x0hat, Tensor K, Tensor Y, int ndim) -> (Tensor, Tensor)");
   m.def("philox_normal(Tensor seeds, int numel, int step, int stream, ScalarType dtype) -> Tensor");
-  m.def("philox_words(Tensor seeds, int numel, int step, int stream) -> Tensor");
+  m.def("philox_words(Tensor seeds, int calls, int step, int stream) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dps_fast, CUDA, m) {

@@ -3,13 +3,19 @@
 // dps_fast/backends/torch_ops.py (the contract) or dps_fast/noise.py; see dps_kernels.cuh.
 //
 // Built without --use_fast_math on purpose: the in-kernel noise must agree with the pure-torch
-// stream, so log/cos/sqrt are the correctly-rounded-to-a-few-ulp library versions.
+// stream, so log/sincos/sqrt are the correctly-rounded-to-a-few-ulp library versions.
+//
+// Noise layout (dps_fast/noise.py): element e of a sample is slot e % 4 of the Philox call with
+// counter (e / 4, step, stream, 0); (r0, r1) give slots 0, 1 (rho cos, rho sin), (r2, r3) slots
+// 2, 3. So every noise-drawing thread owns groups of 4 consecutive elements of one sample: one
+// Philox call and two sincos per group, where one call per element kept the update compute-bound.
 #include "dps_kernels.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <string>
@@ -39,7 +45,14 @@ __device__ __forceinline__ Grid this_thread() {
           static_cast<int64_t>(gridDim.y), static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x)};
 }
 constexpr int kMaxGridY = 65535;
-constexpr int kBlocksPerSm = 2048 / kThreads;  // resident 256-thread blocks per SM (sm_80/sm_90)
+constexpr int kMaxDevices = 64;
+// Used when the runtime cannot answer (no device: the CPU emulation of the tests). A guess from
+// the update kernel's register use, the reason for the occupancy query: ptxas -v for sm_90 reports
+// 48 registers for the float32 update (5 resident 256-thread blocks per SM of 65536 registers),
+// 44-52 for the 16-bit ones and 58-90 for float64 (2-4), not the 8 blocks that 2048 threads per
+// SM would suggest.
+constexpr int kFallbackBlocksPerSm = 4;
+constexpr int kFallbackSmCount = 108;
 
 thread_local std::string g_error;
 
@@ -55,21 +68,45 @@ const char* fail(const std::string& msg) {
   return g_error.c_str();
 }
 
-// Streaming multiprocessors of the current device, cached per device (a runtime query of the
-// device the op runs on, not a build-time probe).
-int sm_count() {
-  static std::atomic<int> cache[64];
+// The current device (the op's binding set it with a CUDAGuard), or -1 when there is none.
+int current_device() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();
-    return 108;
+    return -1;
   }
-  if (dev < 0 || dev >= 64) dev = 0;
+  return dev >= 0 && dev < kMaxDevices ? dev : -1;
+}
+
+// Streaming multiprocessors of the current device, cached per device (a runtime query of the
+// device the op runs on, not a build-time probe).
+int sm_count() {
+  static std::atomic<int> cache[kMaxDevices];
+  const int dev = current_device();
+  if (dev < 0) return kFallbackSmCount;
   int n = cache[dev].load(std::memory_order_relaxed);
   if (n == 0) {
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
       cudaGetLastError();
-      n = 108;
+      n = kFallbackSmCount;
+    }
+    cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Resident kThreads-thread blocks per SM of one kernel on the current device, from the occupancy
+// API (registers, shared memory and the launch bounds of that kernel), cached per kernel and device.
+template <auto Kernel>
+int resident_blocks_per_sm() {
+  static std::atomic<int> cache[kMaxDevices];
+  const int dev = current_device();
+  if (dev < 0) return kFallbackBlocksPerSm;
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, 0) != cudaSuccess || n <= 0) {
+      cudaGetLastError();
+      n = kFallbackBlocksPerSm;
     }
     cache[dev].store(n, std::memory_order_relaxed);
   }
@@ -78,17 +115,19 @@ int sm_count() {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Blocks along x (within a sample) so that grid.x * grid.y fills the device about once; the
-// kernels grid-stride over whatever is left.
-unsigned blocks_within_sample(int64_t work_items, int64_t n_samples) {
+// Blocks along x (within a sample) so that grid.x * grid.y fills the device about once with
+// `blocks_per_sm` resident blocks per SM; the kernels grid-stride over whatever is left.
+unsigned blocks_within_sample(int64_t work_items, int64_t n_samples, int blocks_per_sm) {
   const int64_t gy = n_samples < kMaxGridY ? n_samples : kMaxGridY;
-  const int64_t target = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
+  const int64_t target = static_cast<int64_t>(sm_count()) * blocks_per_sm;
   int64_t bx = ceil_div(target, gy > 0 ? gy : 1);
   const int64_t need = ceil_div(work_items, kThreads);
   if (bx > need) bx = need;
   if (bx < 1) bx = 1;
   return static_cast<unsigned>(bx);
 }
+
+unsigned grid_y(int64_t n_samples) { return static_cast<unsigned>(n_samples < kMaxGridY ? n_samples : kMaxGridY); }
 
 // ---- arithmetic types ---------------------------------------------------------------------
 template <typename T> struct AccType { using type = float; };
@@ -141,44 +180,89 @@ DPS_HD Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
   return {c0, c1, c2, c3};
 }
 
-// z = sqrt(-2 ln u1) cos(2 pi u2), u1 = ((r0 >> 8) + 1) 2^-24, u2 = (r1 >> 8) 2^-24: in float32 for
-// every state dtype but float64, as noise.philox_normal ("work" dtype) does.
-DPS_HD float box_muller(uint32_t r0, uint32_t r1, float) {
-  const float u1 = static_cast<float>((r0 >> 8) + 1u) * 0x1p-24f;
-  const float u2 = static_cast<float>(r1 >> 8) * 0x1p-24f;
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958647692f * u2);
+// One Box-Muller pair: (rho cos theta, rho sin theta), u1 = ((ra >> 8) + 1) 2^-24,
+// u2 = (rb >> 8) 2^-24, rho = sqrt(-2 ln u1), theta = 2 pi u2; in float32 for every state dtype
+// but float64, as noise.philox_normal ("work" dtype) does.
+DPS_HD void box_muller(uint32_t ra, uint32_t rb, float* z) {
+  const float u1 = static_cast<float>((ra >> 8) + 1u) * 0x1p-24f;
+  const float u2 = static_cast<float>(rb >> 8) * 0x1p-24f;
+  const float rho = sqrtf(-2.0f * logf(u1));
+  float s, c;
+  sincosf(6.28318530717958647692f * u2, &s, &c);
+  z[0] = rho * c;
+  z[1] = rho * s;
 }
-DPS_HD double box_muller(uint32_t r0, uint32_t r1, double) {
-  const double u1 = static_cast<double>((r0 >> 8) + 1u) * 0x1p-24;
-  const double u2 = static_cast<double>(r1 >> 8) * 0x1p-24;
-  return sqrt(-2.0 * log(u1)) * cos(6.28318530717958647692 * u2);
+DPS_HD void box_muller(uint32_t ra, uint32_t rb, double* z) {
+  const double u1 = static_cast<double>((ra >> 8) + 1u) * 0x1p-24;
+  const double u2 = static_cast<double>(rb >> 8) * 0x1p-24;
+  const double rho = sqrt(-2.0 * log(u1));
+  double s, c;
+  sincos(6.28318530717958647692 * u2, &s, &c);
+  z[0] = rho * c;
+  z[1] = rho * s;
 }
 
+// The four normals (slots 0..3) of Philox call `call` of one sample.
 template <typename A>
-DPS_HD A philox_normal(uint32_t index, uint32_t step, uint32_t stream_id,
-                                           uint32_t k0, uint32_t k1) {
-  const Words r = philox4x32_10(index, step, stream_id, 0u, k0, k1);
-  return box_muller(r.r0, r.r1, A(0));
+DPS_HD void philox_normal4(uint32_t call, uint32_t step, uint32_t stream_id, uint32_t k0, uint32_t k1, A* z) {
+  const Words r = philox4x32_10(call, step, stream_id, 0u, k0, k1);
+  box_muller(r.r0, r.r1, z);
+  box_muller(r.r2, r.r3, z + 2);
+}
+
+DPS_HD void seed_key(int64_t seed, uint32_t* k0, uint32_t* k1) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  *k0 = static_cast<uint32_t>(s);
+  *k1 = static_cast<uint32_t>(s >> 32);
 }
 
 // ---- vector access -------------------------------------------------------------------------
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 
-template <typename T, int V> DPS_HD Pack<T, V> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
+// A group of 4 consecutive elements: one 16-byte (float32), 8-byte (16-bit types) or two 16-byte
+// (float64) accesses, from a base aligned to kGroupAlign<T> bytes.
+template <typename T> constexpr int kGroupAlign = sizeof(T) * 4 < 16 ? sizeof(T) * 4 : 16;
+
+template <typename T> DPS_HD void load4(const T* p, T* out) {
+  if constexpr (sizeof(T) * 4 <= 16) {
+    const Pack<T, 4> v = *reinterpret_cast<const Pack<T, 4>*>(p);
+    DPS_UNROLL
+    for (int k = 0; k < 4; ++k) out[k] = v.v[k];
+  } else {
+    const Pack<T, 2> a = *reinterpret_cast<const Pack<T, 2>*>(p);
+    const Pack<T, 2> b = *reinterpret_cast<const Pack<T, 2>*>(p + 2);
+    out[0] = a.v[0];
+    out[1] = a.v[1];
+    out[2] = b.v[0];
+    out[3] = b.v[1];
+  }
 }
-template <typename T, int V> DPS_HD void store(T* p, const Pack<T, V>& v) {
-  *reinterpret_cast<Pack<T, V>*>(p) = v;
+template <typename T> DPS_HD void store4(T* p, const T* in) {
+  if constexpr (sizeof(T) * 4 <= 16) {
+    Pack<T, 4> v;
+    DPS_UNROLL
+    for (int k = 0; k < 4; ++k) v.v[k] = in[k];
+    *reinterpret_cast<Pack<T, 4>*>(p) = v;
+  } else {
+    Pack<T, 2> a, b;
+    a.v[0] = in[0];
+    a.v[1] = in[1];
+    b.v[0] = in[2];
+    b.v[1] = in[3];
+    *reinterpret_cast<Pack<T, 2>*>(p) = a;
+    *reinterpret_cast<Pack<T, 2>*>(p + 2) = b;
+  }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+bool aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes)) == 0; }
 
 // ---- fused update ----------------------------------------------------------------------------
 template <typename T> struct UpdateParams {
+  using A = typename AccType<T>::type;
   const T* x; const T* eps; const T* w; const T* u; const T* v; const T* noise;
-  const int64_t* seeds; const typename AccType<T>::type* gscale; const T* coefs; T* out; T* x0hat;
-  int64_t n_samples; int64_t per_sample;
-  uint32_t step; int clip; typename AccType<T>::type lo, hi; int variance;
+  const int64_t* seeds; const A* gscale; const A* coefs; T* out; T* x0hat;
+  int64_t n_samples; int64_t per_sample; int64_t eps_stride; int64_t v_stride;
+  uint32_t step; int clip; A lo, hi; int variance;
 };
 
 template <typename T> struct StepCoefs {
@@ -186,101 +270,108 @@ template <typename T> struct StepCoefs {
   A sra, srm1, s1m2sra, s1m, cx0, cxt, sigma, log_beta, log_var_small, nonzero;
 };
 
-// Elements [off, off + V) of the flat tensors; j is the index of `off` within its sample (the
-// Philox counter).
-template <typename T, int V>
-DPS_HD void update_pack(const UpdateParams<T>& p, const StepCoefs<T>& c, int64_t off, int64_t j,
-                        typename AccType<T>::type gs, uint32_t k0, uint32_t k1) {
+// The update of one element (torch_ops.dps_update): returns x_{t-1}, writes the clamped x0hat.
+template <typename T>
+DPS_HD typename AccType<T>::type update_one(const UpdateParams<T>& p, const StepCoefs<T>& c, T xv, T ev, T wv,
+                                            T uv, T vv, typename AccType<T>::type z,
+                                            typename AccType<T>::type gs, T* x0_out) {
   using A = typename AccType<T>::type;
-  const bool learned = p.variance == static_cast<int>(Variance::LearnedRange);
-  const Pack<T, V> xv = load<T, V>(p.x + off);
-  const Pack<T, V> ev = load<T, V>(p.eps + off);
-  const Pack<T, V> wv = load<T, V>(p.w + off);
-  const Pack<T, V> uv = load<T, V>(p.u + off);
-  Pack<T, V> vv = xv, nv = xv;  // placeholders, overwritten when used
-  if (learned) vv = load<T, V>(p.v + off);
-  if (p.noise != nullptr) nv = load<T, V>(p.noise + off);
-  Pack<T, V> res, x0p;
-  DPS_UNROLL
-  for (int k = 0; k < V; ++k) {
-    const A x = to_acc(xv.v[k]);
-    // torch_ops.tweedie, then torch.clamp's min(max(x, lo), hi) with NaN propagated
-    A x0 = c.sra * x - c.srm1 * to_acc(ev.v[k]);
-    if (p.clip) {
-      x0 = x0 < p.lo ? p.lo : x0;
-      x0 = x0 > p.hi ? p.hi : x0;
-    }
-    A sigma = c.sigma;
-    if (learned) {
-      const A f = (to_acc(vv.v[k]) + A(1)) * A(0.5);
-      const A log_var = f * c.log_beta + (A(1) - f) * c.log_var_small;
-      sigma = c.nonzero * acc_exp(A(0.5) * log_var);
-    }
-    const A z = p.noise != nullptr ? to_acc(nv.v[k])
-                                   : philox_normal<A>(static_cast<uint32_t>(j + k), p.step, 0u, k0, k1);
-    const A g = (to_acc(wv.v[k]) - c.s1m * to_acc(uv.v[k])) * c.s1m2sra;
-    const A r = c.cx0 * x0 + c.cxt * x + sigma * z - gs * g;
-    res.v[k] = from_acc<T>(r);
-    x0p.v[k] = from_acc<T>(x0);
+  const A x = to_acc(xv);
+  // torch_ops.tweedie, then torch.clamp's min(max(x, lo), hi) with NaN propagated
+  A x0 = c.sra * x - c.srm1 * to_acc(ev);
+  if (p.clip) {
+    x0 = x0 < p.lo ? p.lo : x0;
+    x0 = x0 > p.hi ? p.hi : x0;
   }
-  store<T, V>(p.out + off, res);
-  if (p.x0hat != nullptr) store<T, V>(p.x0hat + off, x0p);
+  A sigma = c.sigma;
+  if (p.variance == static_cast<int>(Variance::LearnedRange)) {
+    const A f = (to_acc(vv) + A(1)) * A(0.5);
+    const A log_var = f * c.log_beta + (A(1) - f) * c.log_var_small;
+    sigma = c.nonzero * acc_exp(A(0.5) * log_var);
+  }
+  const A g = (to_acc(wv) - c.s1m * to_acc(uv)) * c.s1m2sra;
+  *x0_out = from_acc<T>(x0);
+  return c.cx0 * x0 + c.cxt * x + sigma * z - gs * g;
 }
 
-// One thread of the update grid (blocks within a sample, samples). A sample is
-// [head scalars][vectors of V][tail scalars]: the head brings the flat offset to a multiple of V
-// (all base pointers are 16-byte aligned when V > 1), so any per-sample numel gets 16-byte loads
-// and stores for all but < 2 V of its elements.
-template <typename T, int V>
-DPS_HD void dps_update_thread(const UpdateParams<T>& p, const Grid& g) {
+template <typename T>
+DPS_HD StepCoefs<T> step_coefs(const UpdateParams<T>& p) {
   using A = typename AccType<T>::type;
   StepCoefs<T> c;
-  c.sra = to_acc(p.coefs[coef::SQRT_RECIP_ABAR]);
-  c.srm1 = to_acc(p.coefs[coef::SQRT_RECIPM1_ABAR]);
-  c.s1m = to_acc(p.coefs[coef::SQRT_1M_ABAR]);
+  c.sra = p.coefs[coef::SQRT_RECIP_ABAR];
+  c.srm1 = p.coefs[coef::SQRT_RECIPM1_ABAR];
+  c.s1m = p.coefs[coef::SQRT_1M_ABAR];
   c.s1m2sra = A(2) * c.sra;
-  c.cx0 = to_acc(p.coefs[coef::COEF_X0]);
-  c.cxt = to_acc(p.coefs[coef::COEF_XT]);
-  c.sigma = to_acc(p.coefs[p.variance == static_cast<int>(Variance::FixedLarge) ? coef::SIGMA_LARGE
-                                                                                 : coef::SIGMA_SMALL]);
-  c.log_beta = to_acc(p.coefs[coef::LOG_BETA]);
-  c.log_var_small = to_acc(p.coefs[coef::LOG_VAR_SMALL]);
-  c.nonzero = to_acc(p.coefs[coef::NONZERO]);
+  c.cx0 = p.coefs[coef::COEF_X0];
+  c.cxt = p.coefs[coef::COEF_XT];
+  c.sigma = p.coefs[p.variance == static_cast<int>(Variance::FixedLarge) ? coef::SIGMA_LARGE : coef::SIGMA_SMALL];
+  c.log_beta = p.coefs[coef::LOG_BETA];
+  c.log_var_small = p.coefs[coef::LOG_VAR_SMALL];
+  c.nonzero = p.coefs[coef::NONZERO];
+  return c;
+}
 
+// One thread of the update grid (blocks within a sample, samples). Work item = one group of 4
+// consecutive elements j = 4 g .. 4 g + 3 of a sample = one Philox call. VEC: every group is
+// whole (per_sample % 4 == 0) and starts kGroupAlign-aligned in every tensor (checked by
+// plan_update), so each tensor is read and written with vector accesses; else element by element
+// with the tail group masked.
+template <typename T, bool VEC>
+DPS_HD void dps_update_thread(const UpdateParams<T>& p, const Grid& g) {
+  using A = typename AccType<T>::type;
+  const StepCoefs<T> c = step_coefs(p);
+  const bool learned = p.variance == static_cast<int>(Variance::LearnedRange);
   const int64_t M = p.per_sample;
+  const int64_t groups = (M + 3) / 4;
   const int64_t stride = g.gx * g.bdx;
   for (int64_t n = g.by; n < p.n_samples; n += g.gy) {
-    const int64_t base = n * M;
+    const int64_t base = n * M, ebase = n * p.eps_stride, vbase = n * p.v_stride;
     const A gs = p.gscale[n];
     uint32_t k0 = 0, k1 = 0;
-    if (p.noise == nullptr) {
-      const uint64_t s = static_cast<uint64_t>(p.seeds[n]);
-      k0 = static_cast<uint32_t>(s);
-      k1 = static_cast<uint32_t>(s >> 32);
-    }
-    int64_t head = 0, nvec = M;
-    if (V > 1) {
-      head = (V - base % V) % V;
-      if (head > M) head = M;
-      nvec = (M - head) / V;
-    }
-    const int64_t items = M - nvec * (V - 1);  // nvec vectors + (head + tail) scalars
-    for (int64_t it = g.bx * g.bdx + g.tx; it < items; it += stride) {
-      if (it < nvec) {
-        const int64_t j = head + it * V;
-        update_pack<T, V>(p, c, base + j, j, gs, k0, k1);
+    if (p.noise == nullptr) seed_key(p.seeds[n], &k0, &k1);
+    for (int64_t grp = g.bx * g.bdx + g.tx; grp < groups; grp += stride) {
+      const int64_t j = 4 * grp;
+      A z[4] = {A(0), A(0), A(0), A(0)};
+      if (p.noise == nullptr) philox_normal4<A>(static_cast<uint32_t>(grp), p.step, 0u, k0, k1, z);
+      if constexpr (VEC) {
+        T xv[4], ev[4], wv[4], uv[4], vv[4], res[4], x0[4];
+        load4(p.x + base + j, xv);
+        load4(p.eps + ebase + j, ev);
+        load4(p.w + base + j, wv);
+        load4(p.u + base + j, uv);
+        if (learned) load4(p.v + vbase + j, vv);
+        if (p.noise != nullptr) {
+          T nv[4];
+          load4(p.noise + base + j, nv);
+          DPS_UNROLL
+          for (int k = 0; k < 4; ++k) z[k] = to_acc(nv[k]);
+        }
+        DPS_UNROLL
+        for (int k = 0; k < 4; ++k) {
+          res[k] = from_acc<T>(update_one(p, c, xv[k], ev[k], wv[k], uv[k], learned ? vv[k] : xv[k], z[k], gs,
+                                          &x0[k]));
+        }
+        store4(p.out + base + j, res);
+        if (p.x0hat != nullptr) store4(p.x0hat + base + j, x0);
       } else {
-        const int64_t s = it - nvec;
-        const int64_t j = s < head ? s : nvec * V + s;
-        update_pack<T, 1>(p, c, base + j, j, gs, k0, k1);
+        const int cnt = M - j < 4 ? static_cast<int>(M - j) : 4;
+        for (int k = 0; k < cnt; ++k) {
+          const int64_t e = j + k;
+          const A zk = p.noise != nullptr ? to_acc(p.noise[base + e]) : z[k];
+          T x0;
+          const A r = update_one(p, c, p.x[base + e], p.eps[ebase + e], p.w[base + e], p.u[base + e],
+                                 learned ? p.v[vbase + e] : p.x[base + e], zk, gs, &x0);
+          p.out[base + e] = from_acc<T>(r);
+          if (p.x0hat != nullptr) p.x0hat[base + e] = x0;
+        }
       }
     }
   }
 }
 
-template <typename T, int V>
+template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) dps_update_kernel(UpdateParams<T> p) {
-  dps_update_thread<T, V>(p, this_thread());
+  dps_update_thread<T, VEC>(p, this_thread());
 }
 
 template <typename T>
@@ -295,11 +386,13 @@ UpdateParams<T> update_params(const UpdateArgs& a) {
   p.noise = static_cast<const T*>(a.noise);
   p.seeds = a.seeds;
   p.gscale = static_cast<const A*>(a.gscale);
-  p.coefs = static_cast<const T*>(a.coefs);
+  p.coefs = static_cast<const A*>(a.coefs);
   p.out = static_cast<T*>(a.out);
   p.x0hat = static_cast<T*>(a.x0hat);
   p.n_samples = a.n_samples;
   p.per_sample = a.per_sample;
+  p.eps_stride = a.eps_stride >= 0 ? a.eps_stride : a.per_sample;
+  p.v_stride = a.v_stride >= 0 ? a.v_stride : a.per_sample;
   p.step = a.step;
   p.clip = a.clip ? 1 : 0;
   // torch.clamp casts its Python-float bounds to the tensor's compute type
@@ -314,55 +407,67 @@ struct LaunchPlan {
   bool vec;
 };
 
-template <typename T> constexpr int vec_width() { return 16 / static_cast<int>(sizeof(T)); }
+// Whole, aligned groups in every tensor the update touches.
+template <typename T>
+bool update_vectorizable(const UpdateParams<T>& p) {
+  constexpr int al = kGroupAlign<T>;
+  bool vec = p.per_sample % 4 == 0 && p.eps_stride % 4 == 0 && aligned(p.x, al) && aligned(p.eps, al) &&
+             aligned(p.w, al) && aligned(p.u, al) && aligned(p.out, al);
+  if (p.variance == static_cast<int>(Variance::LearnedRange)) vec = vec && p.v_stride % 4 == 0 && aligned(p.v, al);
+  if (p.noise != nullptr) vec = vec && aligned(p.noise, al);
+  if (p.x0hat != nullptr) vec = vec && aligned(p.x0hat, al);
+  return vec;
+}
 
 template <typename T>
-LaunchPlan plan_update(const UpdateArgs& a) {
-  constexpr int kVec = vec_width<T>();
-  bool vec = aligned16(a.x) && aligned16(a.eps) && aligned16(a.w) && aligned16(a.u) && aligned16(a.out);
-  if (a.variance == static_cast<int>(Variance::LearnedRange)) vec = vec && aligned16(a.v);
-  if (a.noise != nullptr) vec = vec && aligned16(a.noise);
-  if (a.x0hat != nullptr) vec = vec && aligned16(a.x0hat);
-  const int64_t items = vec ? a.per_sample / kVec + 2 * kVec : a.per_sample;
-  return {blocks_within_sample(items, a.n_samples),
-          static_cast<unsigned>(a.n_samples < kMaxGridY ? a.n_samples : kMaxGridY), vec};
+LaunchPlan plan_update(const UpdateParams<T>& p) {
+  const bool vec = update_vectorizable(p);
+  const int per_sm = vec ? resident_blocks_per_sm<dps_update_kernel<T, true>>()
+                         : resident_blocks_per_sm<dps_update_kernel<T, false>>();
+  return {blocks_within_sample((p.per_sample + 3) / 4, p.n_samples, per_sm), grid_y(p.n_samples), vec};
 }
 
 template <typename T>
 const char* launch_update_t(const UpdateArgs& a, cudaStream_t stream) {
   const UpdateParams<T> p = update_params<T>(a);
-  const LaunchPlan plan = plan_update<T>(a);
+  const LaunchPlan plan = plan_update<T>(p);
   const dim3 grid(plan.gx, plan.gy);
   if (plan.vec) {
-    dps_update_kernel<T, vec_width<T>()><<<grid, kThreads, 0, stream>>>(p);
+    dps_update_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
   } else {
-    dps_update_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+    dps_update_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
   }
   return cuda_status("dps_update kernel launch");
 }
 
 // ---- noise stream ----------------------------------------------------------------------------
+// One thread per Philox call: the (up to) 4 consecutive elements 4 call .. 4 call + 3 of a sample.
 template <typename T>
 DPS_HD void philox_normal_thread(const int64_t* seeds, int64_t n_samples, int64_t numel, uint32_t step,
                                  uint32_t stream_id, T* out, const Grid& g) {
   using A = typename AccType<T>::type;
+  const int64_t calls = (numel + 3) / 4;
   for (int64_t n = g.by; n < n_samples; n += g.gy) {
-    const uint64_t s = static_cast<uint64_t>(seeds[n]);
-    const uint32_t k0 = static_cast<uint32_t>(s), k1 = static_cast<uint32_t>(s >> 32);
-    for (int64_t j = g.bx * g.bdx + g.tx; j < numel; j += g.gx * g.bdx) {
-      out[n * numel + j] = from_acc<T>(philox_normal<A>(static_cast<uint32_t>(j), step, stream_id, k0, k1));
+    uint32_t k0, k1;
+    seed_key(seeds[n], &k0, &k1);
+    for (int64_t c = g.bx * g.bdx + g.tx; c < calls; c += g.gx * g.bdx) {
+      A z[4];
+      philox_normal4<A>(static_cast<uint32_t>(c), step, stream_id, k0, k1, z);
+      const int cnt = numel - 4 * c < 4 ? static_cast<int>(numel - 4 * c) : 4;
+      for (int k = 0; k < cnt; ++k) out[n * numel + 4 * c + k] = from_acc<T>(z[k]);
     }
   }
 }
 
-DPS_HD void philox_words_thread(const int64_t* seeds, int64_t n_samples, int64_t numel, uint32_t step,
+// The raw words of the calls 0 .. calls - 1 (counter (c, step, stream, 0)).
+DPS_HD void philox_words_thread(const int64_t* seeds, int64_t n_samples, int64_t calls, uint32_t step,
                                 uint32_t stream_id, int32_t* out, const Grid& g) {
   for (int64_t n = g.by; n < n_samples; n += g.gy) {
-    const uint64_t s = static_cast<uint64_t>(seeds[n]);
-    const uint32_t k0 = static_cast<uint32_t>(s), k1 = static_cast<uint32_t>(s >> 32);
-    for (int64_t j = g.bx * g.bdx + g.tx; j < numel; j += g.gx * g.bdx) {
-      const Words r = philox4x32_10(static_cast<uint32_t>(j), step, stream_id, 0u, k0, k1);
-      int32_t* o = out + (n * numel + j) * 4;
+    uint32_t k0, k1;
+    seed_key(seeds[n], &k0, &k1);
+    for (int64_t c = g.bx * g.bdx + g.tx; c < calls; c += g.gx * g.bdx) {
+      const Words r = philox4x32_10(static_cast<uint32_t>(c), step, stream_id, 0u, k0, k1);
+      int32_t* o = out + (n * calls + c) * 4;
       o[0] = static_cast<int32_t>(r.r0);
       o[1] = static_cast<int32_t>(r.r1);
       o[2] = static_cast<int32_t>(r.r2);
@@ -379,9 +484,18 @@ philox_normal_kernel(const int64_t* seeds, int64_t n_samples, int64_t numel, uin
 }
 
 __global__ void __launch_bounds__(kThreads)
-philox_words_kernel(const int64_t* seeds, int64_t n_samples, int64_t numel, uint32_t step, uint32_t stream_id,
+philox_words_kernel(const int64_t* seeds, int64_t n_samples, int64_t calls, uint32_t step, uint32_t stream_id,
                     int32_t* out) {
-  philox_words_thread(seeds, n_samples, numel, step, stream_id, out, this_thread());
+  philox_words_thread(seeds, n_samples, calls, step, stream_id, out, this_thread());
+}
+
+template <typename T>
+void launch_normal_t(const int64_t* seeds, int64_t n_samples, int64_t numel, uint32_t step, uint32_t stream_id,
+                     void* out, cudaStream_t stream) {
+  const dim3 grid(blocks_within_sample((numel + 3) / 4, n_samples, resident_blocks_per_sm<philox_normal_kernel<T>>()),
+                  grid_y(n_samples));
+  philox_normal_kernel<T><<<grid, kThreads, 0, stream>>>(seeds, n_samples, numel, step, stream_id,
+                                                          static_cast<T*>(out));
 }
 
 // ---- spectral stage ---------------------------------------------------------------------------
@@ -488,6 +602,17 @@ bool spectral_index32(const SpectralArgs& a) {
   return a.per_sample + a.blocks_per_sample * kThreads < (int64_t{1} << 31);
 }
 
+// Resident blocks per SM of the spectral kernel variant a launch of `dtype` may use (the fewer of
+// the two index widths, so the partials sized before the launch fit either).
+int spectral_blocks_per_sm(DType dtype) {
+  if (dtype == DType::Float64) {
+    return std::min(resident_blocks_per_sm<spectral_kernel<double, uint32_t>>(),
+                    resident_blocks_per_sm<spectral_kernel<double, uint64_t>>());
+  }
+  return std::min(resident_blocks_per_sm<spectral_kernel<float, uint32_t>>(),
+                  resident_blocks_per_sm<spectral_kernel<float, uint64_t>>());
+}
+
 template <typename R>
 const char* launch_spectral_t(const SpectralArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.blocks_per_sample),
@@ -530,24 +655,12 @@ const char* launch_philox_normal(DType dtype, const int64_t* seeds, int64_t n_sa
   if (numel >= (int64_t{1} << 32)) {
     return fail("philox_normal: at most 2^32 - 1 elements per sample, got " + std::to_string(numel));
   }
-  const dim3 grid(blocks_within_sample(numel, n_samples),
-                  static_cast<unsigned>(n_samples < kMaxGridY ? n_samples : kMaxGridY));
   switch (dtype) {
-    case DType::Float32:
-      philox_normal_kernel<float><<<grid, kThreads, 0, stream>>>(seeds, n_samples, numel, step, stream_id,
-                                                                  static_cast<float*>(out));
-      break;
-    case DType::Float64:
-      philox_normal_kernel<double><<<grid, kThreads, 0, stream>>>(seeds, n_samples, numel, step, stream_id,
-                                                                   static_cast<double*>(out));
-      break;
-    case DType::Float16:
-      philox_normal_kernel<__half><<<grid, kThreads, 0, stream>>>(seeds, n_samples, numel, step, stream_id,
-                                                                   static_cast<__half*>(out));
-      break;
+    case DType::Float32: launch_normal_t<float>(seeds, n_samples, numel, step, stream_id, out, stream); break;
+    case DType::Float64: launch_normal_t<double>(seeds, n_samples, numel, step, stream_id, out, stream); break;
+    case DType::Float16: launch_normal_t<__half>(seeds, n_samples, numel, step, stream_id, out, stream); break;
     case DType::BFloat16:
-      philox_normal_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          seeds, n_samples, numel, step, stream_id, static_cast<__nv_bfloat16*>(out));
+      launch_normal_t<__nv_bfloat16>(seeds, n_samples, numel, step, stream_id, out, stream);
       break;
     default:
       return fail("philox_normal: unknown dtype code " + std::to_string(static_cast<int>(dtype)));
@@ -555,21 +668,21 @@ const char* launch_philox_normal(DType dtype, const int64_t* seeds, int64_t n_sa
   return cuda_status("philox_normal kernel launch");
 }
 
-const char* launch_philox_words(const int64_t* seeds, int64_t n_samples, int64_t numel, uint32_t step,
+const char* launch_philox_words(const int64_t* seeds, int64_t n_samples, int64_t calls, uint32_t step,
                                 uint32_t stream_id, int32_t* out, cudaStream_t stream) {
-  if (n_samples <= 0 || numel <= 0) return nullptr;
-  if (numel >= (int64_t{1} << 32)) {
-    return fail("philox_words: at most 2^32 - 1 elements per sample, got " + std::to_string(numel));
+  if (n_samples <= 0 || calls <= 0) return nullptr;
+  if (calls >= (int64_t{1} << 32)) {
+    return fail("philox_words: at most 2^32 - 1 calls (counters) per sample, got " + std::to_string(calls));
   }
-  const dim3 grid(blocks_within_sample(numel, n_samples),
-                  static_cast<unsigned>(n_samples < kMaxGridY ? n_samples : kMaxGridY));
-  philox_words_kernel<<<grid, kThreads, 0, stream>>>(seeds, n_samples, numel, step, stream_id, out);
+  const dim3 grid(blocks_within_sample(calls, n_samples, resident_blocks_per_sm<philox_words_kernel>()),
+                  grid_y(n_samples));
+  philox_words_kernel<<<grid, kThreads, 0, stream>>>(seeds, n_samples, calls, step, stream_id, out);
   return cuda_status("philox_words kernel launch");
 }
 
-int64_t spectral_blocks_per_sample(int64_t n_samples, int64_t per_sample) {
+int64_t spectral_blocks_per_sample(DType dtype, int64_t n_samples, int64_t per_sample) {
   if (n_samples <= 0 || per_sample <= 0) return 1;
-  return static_cast<int64_t>(blocks_within_sample(per_sample, n_samples));
+  return static_cast<int64_t>(blocks_within_sample(per_sample, n_samples, spectral_blocks_per_sm(dtype)));
 }
 
 const char* launch_spectral_residual(const SpectralArgs& a, cudaStream_t stream) {

@@ -42,9 +42,11 @@ constexpr int COUNT = 15;
 // Variance modes of torch_ops.step_sigma, by the integer the op schema carries.
 enum class Variance : int { FixedSmall = 0, FixedLarge = 1, LearnedRange = 2 };
 
-// One guided DDPM step, torch_ops.dps_update. Every tensor is contiguous [N, per_sample]
-// (gscale and seeds [N], coefs [coef::COUNT]), all of `dtype` except seeds (int64) and gscale,
-// which is in the arithmetic type: float64 for Float64, float32 for the others.
+// One guided DDPM step, torch_ops.dps_update. Every tensor is [N, per_sample] of `dtype`, contiguous
+// except eps and v, whose samples are contiguous but eps_stride / v_stride elements apart (channel
+// slices of a learned-variance model output, read in place); seeds [N] int64; gscale [N] and coefs
+// [coef::COUNT] in the arithmetic type, float64 for Float64 and float32 for the others (a coefficient
+// such as sqrt(1/abar) ~157 rounded to bfloat16 would be off by up to 0.2%).
 struct UpdateArgs {
   DType dtype = DType::Float32;
   const void* x = nullptr;
@@ -55,11 +57,13 @@ struct UpdateArgs {
   const void* noise = nullptr;      // explicit z; nullptr: Philox noise of `seeds` at `step`
   const int64_t* seeds = nullptr;   // [N]; read only when noise == nullptr
   const void* gscale = nullptr;     // [N], float32 (float64 for Float64)
-  const void* coefs = nullptr;      // [coef::COUNT], device memory
+  const void* coefs = nullptr;      // [coef::COUNT], float32 (float64 for Float64), device memory
   void* out = nullptr;              // x_{t-1}; may alias x (each element is read, then written)
   void* x0hat = nullptr;            // optional clamped Tweedie estimate; nullptr: not written
   int64_t n_samples = 0;
   int64_t per_sample = 0;           // numel of one sample; < 2^32 when Philox noise is drawn
+  int64_t eps_stride = -1;          // elements between samples of eps (0: broadcast; -1: per_sample)
+  int64_t v_stride = -1;            // elements between samples of v (0: broadcast; -1: per_sample)
   uint32_t step = 0;                // Philox counter word 1
   bool clip = false;
   double lo = 0.0;
@@ -68,13 +72,14 @@ struct UpdateArgs {
 };
 const char* launch_dps_update(const UpdateArgs& args, cudaStream_t stream);
 
-// Standard normals of dps_fast.noise.philox_normal: out [N, numel] of `dtype`.
+// Standard normals of dps_fast.noise.philox_normal: out [N, numel] of `dtype` (element e = slot e % 4
+// of Philox call e / 4; one thread per call).
 const char* launch_philox_normal(DType dtype, const int64_t* seeds, int64_t n_samples, int64_t numel,
                                  uint32_t step, uint32_t stream_id, void* out, cudaStream_t stream);
 
-// The raw Philox4x32-10 words (r0, r1, r2, r3) as int32 bit patterns, out [N, numel, 4]: the
-// bit-exact test hook against dps_fast.noise.philox4x32.
-const char* launch_philox_words(const int64_t* seeds, int64_t n_samples, int64_t numel, uint32_t step,
+// The raw Philox4x32-10 words (r0, r1, r2, r3) of the calls (counters) 0 .. calls - 1 as int32 bit
+// patterns, out [N, calls, 4]: the bit-exact test hook against dps_fast.noise.philox4x32.
+const char* launch_philox_words(const int64_t* seeds, int64_t n_samples, int64_t calls, uint32_t step,
                                 uint32_t stream_id, int32_t* out, cudaStream_t stream);
 
 // The spectral stage, torch_ops.spectral_residual: W = w_scale * conj(K) (K X - Y) and
@@ -100,8 +105,9 @@ struct SpectralArgs {
   double w_scale = 1.0;
   int64_t blocks_per_sample = 0;    // from spectral_blocks_per_sample()
 };
-// Blocks per sample of the spectral kernel on the current device (sizes `partials`).
-int64_t spectral_blocks_per_sample(int64_t n_samples, int64_t per_sample);
+// Blocks per sample of the spectral kernel of `dtype` on the current device, from its occupancy
+// (sizes `partials`).
+int64_t spectral_blocks_per_sample(DType dtype, int64_t n_samples, int64_t per_sample);
 const char* launch_spectral_residual(const SpectralArgs& args, cudaStream_t stream);
 
 // torch_ops.blur_normal_residual: cuFFT R2C of x0hat [batch, *signal] -> spectral stage (with the

@@ -161,8 +161,8 @@ def fake_philox_normal(seeds: torch.Tensor, numel: int, step: int, stream: int, 
     return seeds.new_empty((seeds.shape[0], numel), dtype=dtype)
 
 
-def fake_philox_words(seeds: torch.Tensor, numel: int, step: int, stream: int) -> torch.Tensor:
-    return seeds.new_empty((seeds.shape[0], numel, 4), dtype=torch.int32)
+def fake_philox_words(seeds: torch.Tensor, calls: int, step: int, stream: int) -> torch.Tensor:
+    return seeds.new_empty((seeds.shape[0], calls, 4), dtype=torch.int32)
 
 
 FAKES = {

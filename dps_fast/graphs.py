@@ -9,6 +9,10 @@ is the same stream as without graphs). The final step (x0hat(x_1), no VJP) runs 
 
 Requirements: CUDA tensors, a fused backend ("torch" or "triton"), static shapes, and a network
 without host synchronisation in its forward/backward.
+
+Capture and replay run with the state's device made current (``torch.cuda.device(x.device)``):
+``torch.cuda.graph`` captures, and Triton launches, on the *current* device's stream, so a state
+on ``cuda:1`` in a process whose current device is 0 would otherwise be captured on device 0.
 """
 
 from __future__ import annotations
@@ -42,23 +46,25 @@ class GraphedStep:
         self.backend, self.source, self.x = backend, p, x
         self.coefs = p.table[0].clone()
         self.t = p.t[0].clone()
-        self.step_counter = torch.zeros(1, dtype=torch.int64, device=x.device)
+        self.step_counter = p.t.new_zeros(1)  # int64 on the state's device
         self.p = dataclasses.replace(p, table=self.coefs.view(1, -1), t=self.t.view(1, -1))
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # compile kernels, pick algorithms, build FFT plans
-            for _ in range(warmup):
-                backend.step(self.p, x.clone(), 0, step=self.step_counter)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out: StepOutput = backend.step(self.p, x, 0, in_place=True, step=self.step_counter)
-        logger.info("captured one DPS step as a CUDA graph (state %s)", tuple(x.shape))
+        with torch.cuda.device(x.device):
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):  # compile kernels, pick algorithms, build FFT plans
+                for _ in range(warmup):
+                    backend.step(self.p, x.clone(), 0, step=self.step_counter)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out: StepOutput = backend.step(self.p, x, 0, in_place=True, step=self.step_counter)
+        logger.info("captured one DPS step as a CUDA graph on %s (state %s)", x.device, tuple(x.shape))
 
     def replay(self, i: int) -> StepOutput:
         """Run guided step ``i`` (``K-1 >= i >= 1``) on ``self.x``; outputs live in static buffers."""
-        self.coefs.copy_(self.source.table[i])
-        self.t.copy_(self.source.t[i])
-        self.step_counter.fill_(i)
-        self.graph.replay()
+        with torch.cuda.device(self.x.device):
+            self.coefs.copy_(self.source.table[i])
+            self.t.copy_(self.source.t[i])
+            self.step_counter.fill_(i)
+            self.graph.replay()
         return self.out

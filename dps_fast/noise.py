@@ -1,18 +1,31 @@
-"""The one noise stream of dps_fast: counter-based Philox4x32-10 normals.
+"""The one noise stream of dps_fast: counter-based Philox4x32-10 normals, four per call.
 
-Every backend draws the DDPM noise from the same function of ``(seed, step, element)``, so the
-torch, Triton and CUDA backends produce the same samples for the same seeds (up to float32
-rounding of ``log``/``cos``) and a sample never depends on its position in a batch:
+Every backend draws the DDPM noise from the same function of ``(seed, step, stream, element)``,
+so the torch, Triton and CUDA backends produce the same samples for the same seeds (up to float32
+rounding of ``log``/``cos``/``sin``) and a sample never depends on its position in a batch, the
+block size, the grid or the backend.
 
-* key    = the sample's 64-bit seed, split into two 32-bit words ``(lo, hi)``;
-* counter = ``(element index within the sample, step i, stream, 0)``, stream 0 for the noise of
-  step ``i`` and stream 1 for the initial state ``x_T``;
-* ``z = sqrt(-2 ln u1) cos(2 pi u2)`` with ``u1 = ((r0 >> 8) + 1) / 2^24`` in (0, 1] and
-  ``u2 = (r1 >> 8) / 2^24`` in [0, 1): both exact in float32 and float64.
+Layout. Element ``e`` (``0 <= e < numel``, the flat index within one sample) of the normals of
+the sample with 64-bit seed ``s`` at step ``i`` on stream ``k`` is slot ``e % 4`` of Philox call
+``e // 4``:
+
+* key     = ``(s mod 2^32, (s >> 32) mod 2^32)``, the seed's low and high 32-bit words;
+* counter = ``(e // 4, i mod 2^32, k, 0)``; stream ``k = 0`` (:data:`STREAM_STEP`) is the noise
+  of step ``i``, ``k = 1`` (:data:`STREAM_INIT`) the initial state ``x_T``;
+* the call returns the words ``(r0, r1, r2, r3)``; each pair is one Box-Muller draw,
+  ``u1 = ((ra >> 8) + 1) / 2^24`` in (0, 1], ``u2 = (rb >> 8) / 2^24`` in [0, 1) (both exact in
+  float32 and float64), ``rho = sqrt(-2 ln u1)``, ``theta = 2 pi u2``;
+* slot 0 = ``rho(r0) cos theta(r1)``, slot 1 = ``rho(r0) sin theta(r1)``,
+  slot 2 = ``rho(r2) cos theta(r3)``, slot 3 = ``rho(r2) sin theta(r3)``.
+
+The last call of a sample whose ``numel`` is not a multiple of 4 has unused slots (dropped). The
+arithmetic after the integer words is done in float64 for float64 output, else in float32 (``2 pi``
+rounded to the compute dtype first), in every backend. A sample may have at most ``2^32 - 1``
+elements.
 
 This module is the pure-torch definition (int64 arithmetic, bit-exact against Random123's
-known-answer vectors); the kernels in ``dps_fast.kernels`` and ``csrc/`` implement the same
-rounds. Noise for one sample never needs more than ``2^32`` elements.
+known-answer vectors); the kernels in ``dps_fast.kernels`` and ``csrc/`` implement the same rounds
+and the same layout, one Philox call per four elements.
 """
 
 from __future__ import annotations
@@ -59,14 +72,59 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
+def _philox_pairs(
+    c0: torch.Tensor, c1: int | torch.Tensor, c2: int, k0: torch.Tensor, k1: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`philox4x32` of the counters ``(c0, c1, c2, 0)`` with the 10 rounds of both
+    multiplier lanes stacked, in few torch ops. ``c0``: ``[G]`` int64; ``c1``: an int or a
+    one-element int64 tensor; ``k0, k1``: ``[N]``. Returns ``([r0, r2], [r1, r3])``, each
+    ``[2, N, G]`` int64 holding uint32 values.
+
+    Same words as :func:`philox4x32`, bit for bit (tests/test_noise.py), in ~60 tensor ops instead
+    of ~160: per-op overhead, not arithmetic, dominated the noise of small states (0.72 ms of a
+    1.4 ms step for 500 samples of d = 20 on one CPU thread, issue 9). The lanes hold ``(c0, c2)``
+    (multiplied by ``(A, B)``) and ``(c1, c3)``; ``S`` swaps its lane order every round, so
+    only every other round needs flips. Intermediate words may carry garbage above bit 31 (the
+    high product bits, sign-extended); it is masked before every multiply and at the end.
+    """
+    n, g, dev = k0.shape[0], c0.shape[0], c0.device
+    keys = torch.stack((k0, k1)).view(1, 2, n, 1)
+    r = torch.arange(10, device=dev, dtype=torch.int64).view(10, 1, 1, 1)
+    inc = torch.cat((r * PHILOX_KEY_A, r * PHILOX_KEY_B), 1)   # [10, 2, 1, 1]
+    ks = (keys + inc) & _M32                                   # round r: (k0_r, k1_r)
+    ks_swapped = ks.flip(1)
+    mul = torch.full((2, 1, 1), PHILOX_A, device=dev, dtype=torch.int64)
+    mul[1].fill_(PHILOX_B)                                     # (A, B): no host->device copy
+    mul_swapped = mul.flip(0)
+    s = torch.empty((2, n, g), device=dev, dtype=torch.int64)  # lanes (c0, c2)
+    s[0] = c0
+    s[1].fill_(c2 & _M32)
+    t = torch.zeros((2, 1, 1), device=dev, dtype=torch.int64)  # lanes (c1, c3)
+    if isinstance(c1, torch.Tensor):
+        t[0].copy_(c1.reshape(1, 1) & _M32)
+    else:
+        t[0].fill_(c1 & _M32)
+    for rnd in range(0, 10, 2):
+        # s = (c0, c2): c2' = hi(A c0) ^ c3 ^ k1, c0' = hi(B c2) ^ c1 ^ k0; s' = (c2', c0')
+        p = s * mul
+        s = (p >> 32).bitwise_xor_(t.flip(0)).bitwise_xor_(ks_swapped[rnd]).bitwise_and_(_M32)
+        t = p.flip(0)                                          # (lo(B c2), lo(A c0)) = (c1', c3')
+        # s = (c2, c0): c0' = hi(B c2) ^ c1 ^ k0, c2' = hi(A c0) ^ c3 ^ k1; s' = (c0', c2')
+        p = s * mul_swapped
+        s = (p >> 32).bitwise_xor_(t).bitwise_xor_(ks[rnd + 1]).bitwise_and_(_M32)
+        t = p                                                  # (lo(B c2), lo(A c0)) = (c1', c3')
+    return s, t.bitwise_and_(_M32)
+
+
 def philox_normal(
     seeds: torch.Tensor, numel: int, step: int | torch.Tensor, stream: int = STREAM_STEP,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard normals ``[N, numel]`` for the samples whose seeds are ``seeds`` (int64 ``[N]``).
 
-    Row ``n`` is a function of ``(seeds[n], step, stream)`` only. ``step`` may be a one-element
-    int64 tensor on the seeds' device (read without a host sync, for CUDA-graph replay).
+    Row ``n`` is a function of ``(seeds[n], step, stream)`` only (the layout is in the module
+    docstring: one Philox call per four elements). ``step`` may be a one-element int64 tensor on
+    the seeds' device (read without a host sync, for CUDA-graph replay).
 
     >>> z = philox_normal(torch.tensor([1, 2]), 5, step=3)
     >>> z.shape
@@ -76,21 +134,23 @@ def philox_normal(
         raise ValueError(f"seeds: expected an int64 tensor [N], got {seeds.dtype} of shape {tuple(seeds.shape)}")
     if numel >= 2**32:
         raise ValueError(f"numel: at most 2^32 - 1 elements per sample, got {numel}")
-    dev = seeds.device
-    k0 = (seeds & _M32).unsqueeze(1)
-    k1 = ((seeds >> 32) & _M32).unsqueeze(1)
-    c0 = torch.arange(numel, device=dev, dtype=torch.int64).unsqueeze(0)
-    if isinstance(step, torch.Tensor):
-        c1 = step.reshape(1, 1).to(device=dev, dtype=torch.int64) & _M32
-    else:
-        c1 = torch.full((1, 1), step & _M32, device=dev, dtype=torch.int64)
-    c2 = torch.full((1, 1), stream & _M32, device=dev, dtype=torch.int64)
-    c3 = torch.zeros((1, 1), device=dev, dtype=torch.int64)
-    r0, r1, _, _ = philox4x32(c0, c1, c2, c3, k0, k1)
+    dev, n = seeds.device, seeds.shape[0]
+    calls = (numel + 3) // 4
+    c0 = torch.arange(calls, device=dev, dtype=torch.int64)
+    ra, rb = _philox_pairs(c0, step, stream, seeds & _M32, (seeds >> 32) & _M32)  # ([r0, r2], [r1, r3])
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    u1 = ((r0 >> 8) + 1).to(work) * (2.0**-24)
-    u2 = (r1 >> 8).to(work) * (2.0**-24)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)
+    rho = (ra >> 8).to(work).add_(1.0).mul_(2.0**-24).log_().mul_(-2.0).sqrt_()
+    # theta = 2pi * u2 with u2 = (r >> 8) 2^-24 exact: scaling by a power of two commutes with
+    # rounding, so one multiply by (2pi rounded to `work`) * 2^-24 gives the kernels' bits.
+    two_pi_u = float(torch.tensor(TWO_PI, dtype=work)) * 2.0**-24
+    theta = (rb >> 8).to(work).mul_(two_pi_u)
+    z = torch.empty((n, calls, 2, 2), device=dev, dtype=work)  # [N, call, pair, (cos, sin)]
+    zv = z.permute(2, 3, 0, 1)
+    torch.mul(torch.cos(theta), rho, out=zv[:, 0])
+    torch.mul(torch.sin(theta), rho, out=zv[:, 1])
+    z = z.view(n, 4 * calls)
+    if 4 * calls != numel:
+        z = z[:, :numel].contiguous()
     return z.to(dtype)
 
 

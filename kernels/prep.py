@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..schedule import Coef
-from .launch import elementwise_config, per_sample_grid
+from .launch import device_guard, elementwise_config, per_sample_grid
 
 __all__ = ["cast_to", "clip_words", "tweedie", "apply_clip_mask", "prep_elementwise"]
 
@@ -84,16 +84,15 @@ def sample_block(S, nblocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tweedie_kernel(x_ptr, eps_ptr, coefs_ptr, out_ptr, numel, lo_hi, lo_lo, hi_hi, hi_lo,
+def _tweedie_kernel(x_ptr, eps_ptr, coefs_ptr, out_ptr, S, nblocks, eps_sn, lo_hi, lo_lo, hi_hi, hi_lo,
                     CLIP: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
     if F64:
         ct = tl.float64
     else:
         ct = tl.float32
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < numel
+    n, j, m, offs = sample_block(S, nblocks, BLOCK)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ct)
-    eps = tl.load(eps_ptr + offs, mask=m, other=0.0).to(ct)
+    eps = tl.load(eps_ptr + n * eps_sn + j, mask=m, other=0.0).to(ct)
     x0, _ = tweedie_x0(x, eps, coefs_ptr, lo_hi, lo_lo, hi_hi, hi_lo, CLIP, F64)
     tl.store(out_ptr + offs, cast_to(x0, out_ptr), mask=m)
 
@@ -115,7 +114,7 @@ def _clip_mask_kernel(w_ptr, x0_ptr, numel, lo_hi, lo_lo, hi_hi, hi_lo,
 
 @triton.jit
 def _prep_kernel(x_ptr, eps_ptr, y_ptr, mask_ptr, coefs_ptr, x0_ptr, w_ptr, part_ptr,
-                 S, nblocks, lo_hi, lo_lo, hi_hi, hi_lo,
+                 S, nblocks, eps_sn, lo_hi, lo_lo, hi_hi, hi_lo,
                  CLIP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_PER_SAMPLE: tl.constexpr,
                  F64: tl.constexpr, BLOCK: tl.constexpr):
     if F64:
@@ -124,7 +123,7 @@ def _prep_kernel(x_ptr, eps_ptr, y_ptr, mask_ptr, coefs_ptr, x0_ptr, w_ptr, part
         ct = tl.float32
     n, j, m, offs = sample_block(S, nblocks, BLOCK)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ct)
-    eps = tl.load(eps_ptr + offs, mask=m, other=0.0).to(ct)
+    eps = tl.load(eps_ptr + n * eps_sn + j, mask=m, other=0.0).to(ct)
     y = tl.load(y_ptr + offs, mask=m, other=0.0).to(ct)
     x0, keep = tweedie_x0(x, eps, coefs_ptr, lo_hi, lo_lo, hi_hi, hi_lo, CLIP, F64)
     if HAS_MASK:
@@ -160,15 +159,19 @@ def clip_words(clip: tuple[float, float] | None) -> tuple[float, float, float, f
 
 
 def tweedie(x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, out: torch.Tensor,
-            clip: tuple[float, float] | None) -> None:
-    """``out = clamp(x0hat)`` for contiguous same-shape ``x, eps, out``."""
-    numel = x.numel()
-    if numel == 0:
+            clip: tuple[float, float] | None, eps_sn: int | None = None) -> None:
+    """``out = clamp(x0hat)`` for contiguous ``[N, *S]`` ``x, out``; ``eps`` has ``x``'s shape and
+    contiguous samples ``eps_sn`` elements apart (default ``S``: contiguous)."""
+    n = x.shape[0]
+    s = x.numel() // n if n else 0
+    if x.numel() == 0:
         return
-    cfg = elementwise_config(numel)
-    _tweedie_kernel[(triton.cdiv(numel, cfg.block),)](
-        x, eps, coefs, out, numel, *clip_words(clip),
-        CLIP=clip is not None, F64=x.dtype == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    cfg = elementwise_config(s)
+    nblocks, grid = per_sample_grid(n, s, cfg.block)
+    with device_guard(x):
+        _tweedie_kernel[grid](
+            x, eps, coefs, out, s, nblocks, s if eps_sn is None else eps_sn, *clip_words(clip),
+            CLIP=clip is not None, F64=x.dtype == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
 
 
 def apply_clip_mask(w: torch.Tensor, x0hat: torch.Tensor, clip: tuple[float, float]) -> None:
@@ -177,17 +180,20 @@ def apply_clip_mask(w: torch.Tensor, x0hat: torch.Tensor, clip: tuple[float, flo
     if numel == 0:
         return
     cfg = elementwise_config(numel)
-    _clip_mask_kernel[(triton.cdiv(numel, cfg.block),)](
-        w, x0hat, numel, *clip_words(clip),
-        F64=torch.float64 in (w.dtype, x0hat.dtype), BLOCK=cfg.block, num_warps=cfg.num_warps)
+    with device_guard(w):
+        _clip_mask_kernel[(triton.cdiv(numel, cfg.block),)](
+            w, x0hat, numel, *clip_words(clip),
+            F64=torch.float64 in (w.dtype, x0hat.dtype), BLOCK=cfg.block, num_warps=cfg.num_warps)
 
 
 def prep_elementwise(x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                      clip: tuple[float, float] | None, y: torch.Tensor, mask: torch.Tensor | None,
-                     x0hat: torch.Tensor, w: torch.Tensor, mask_per_sample: bool = False) -> torch.Tensor:
+                     x0hat: torch.Tensor, w: torch.Tensor, mask_per_sample: bool = False,
+                     eps_sn: int | None = None) -> torch.Tensor:
     """Fill ``x0hat, w`` (contiguous, ``x``'s shape) and return the per-sample partial sums
-    ``[N, nblocks]`` of ``r^2`` (float64 for float64 states, else float32). ``mask`` is None or
-    contiguous: one sample's ``S`` elements, or ``x``'s shape when ``mask_per_sample``."""
+    ``[N, nblocks]`` of ``r^2`` (float64 for float64 states, else float32). ``x, y`` contiguous;
+    ``eps`` with contiguous samples ``eps_sn`` elements apart (default ``S``). ``mask`` is None
+    or contiguous: one sample's ``S`` elements, or ``x``'s shape when ``mask_per_sample``."""
     n = x.shape[0]
     s = x.numel() // n if n else 0
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -196,10 +202,11 @@ def prep_elementwise(x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
     cfg = elementwise_config(s)
     nblocks, grid = per_sample_grid(n, s, cfg.block)
     partial = torch.empty(n, nblocks, dtype=acc, device=x.device)
-    _prep_kernel[grid](
-        x, eps, y, mask if mask is not None else x, coefs, x0hat, w, partial,
-        s, nblocks, *clip_words(clip),
-        CLIP=clip is not None, HAS_MASK=mask is not None, MASK_PER_SAMPLE=mask_per_sample,
-        F64=x.dtype == torch.float64,
-        BLOCK=cfg.block, num_warps=cfg.num_warps)
+    with device_guard(x):
+        _prep_kernel[grid](
+            x, eps, y, mask if mask is not None else x, coefs, x0hat, w, partial,
+            s, nblocks, s if eps_sn is None else eps_sn, *clip_words(clip),
+            CLIP=clip is not None, HAS_MASK=mask is not None, MASK_PER_SAMPLE=mask_per_sample,
+            F64=x.dtype == torch.float64,
+            BLOCK=cfg.block, num_warps=cfg.num_warps)
     return partial

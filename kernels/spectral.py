@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import elementwise_config, per_sample_grid
+from .launch import device_guard, elementwise_config, per_sample_grid
 
 __all__ = ["spectral_residual"]
 
@@ -66,8 +66,9 @@ def spectral_residual(X: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, W: torc
     cfg = elementwise_config(p)
     nblocks, grid = per_sample_grid(n, p, cfg.block)
     partial = torch.empty(n, nblocks, dtype=real, device=X.device)
-    _spectral_kernel[grid](
-        torch.view_as_real(X), torch.view_as_real(K), torch.view_as_real(Y), torch.view_as_real(W),
-        partial, p, K.numel(), X.shape[-1], nblocks,
-        EVEN=n_last % 2 == 0, F64=real == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    with device_guard(X):
+        _spectral_kernel[grid](
+            torch.view_as_real(X), torch.view_as_real(K), torch.view_as_real(Y), torch.view_as_real(W),
+            partial, p, K.numel(), X.shape[-1], nblocks,
+            EVEN=n_last % 2 == 0, F64=real == torch.float64, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return partial

@@ -7,7 +7,10 @@ call is answered by torch_ops, so CPU tensors keep working. Load the extension w
 chosen (``is_available()``), not inside a ``torch.compile``'d region: the first load may JIT-build.
 
 Supported dtypes: ``dps_update`` float32/float64/float16/bfloat16 (float32 arithmetic for all but
-float64); ``spectral_residual`` complex64/complex128; ``blur_normal_residual`` float32/float64.
+float64; ``coefs`` and ``gscale`` are passed to the kernel in that arithmetic type, never rounded
+to a 16-bit state dtype); ``spectral_residual`` complex64/complex128; ``blur_normal_residual``
+float32/float64. ``eps`` and ``v`` are read in place when each sample is contiguous (the channel
+halves of a learned-variance model output), other inputs are made contiguous.
 ``tweedie``, ``clip_mask``, ``apply_clip_mask``, ``prep_elementwise``, ``parseval_weights`` and
 ``step_sigma`` are torch_ops' own (single elementwise torch ops already).
 
@@ -56,6 +59,17 @@ def _use_kernel(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
     return t.is_cuda and t.dtype in dtypes and is_available()
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when every sample ``t[n]`` is contiguous (the kernel takes the sample stride),
+    else a contiguous copy."""
+    expect = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expect:
+            return t.contiguous()
+        expect *= size
+    return t
+
+
 def dps_update(
     x: torch.Tensor, eps: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gscale: torch.Tensor,
     coefs: torch.Tensor, step: int, clip: Clip = None, variance: str = "fixed_small",
@@ -80,6 +94,10 @@ def dps_update(
         raise ValueError("v: learned_range variance needs the model's variance channels, got None")
     if noise is None and seeds is None:
         raise ValueError("seeds: needed when noise is None")
+    if coefs.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"coefs: expected float32 or float64 (a {str(coefs.dtype).replace('torch.', '')} row rounds "
+                        f"sqrt(1/abar) ~157 by up to 0.2%); pass NoiseSchedule.table(torch.float32) rows, got "
+                        f"{str(coefs.dtype).replace('torch.', '')}")
     if not _use_kernel(x, _UPDATE_DTYPES):
         x0 = torch_ops.tweedie(x, eps, coefs, clip) if x0hat_out is not None else None  # before out= overwrites x
         res = torch_ops.dps_update(x, eps, w, u, gscale, coefs, step, clip, variance, v, seeds, noise, out)
@@ -94,6 +112,9 @@ def dps_update(
     def prep(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=dev, dtype=dt).contiguous()
 
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return _rows(t.to(device=dev, dtype=dt))
+
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
     x_in = x.contiguous()
     target = out if out is not None and out.is_contiguous() and out.dtype == dt and out.shape == x.shape else None
@@ -103,10 +124,10 @@ def dps_update(
     if x0hat_out is not None and not (x0hat_out.is_contiguous() and x0hat_out.dtype == dt):
         x0_target = torch.empty_like(x_in)
     torch.ops.dps_fast.dps_update(
-        x_in, prep(eps), prep(w), prep(u), gscale.to(device=dev, dtype=acc).reshape(-1).contiguous(),
-        prep(coefs).reshape(-1), int(step),
+        x_in, rows(eps), prep(w), prep(u), gscale.to(device=dev, dtype=acc).reshape(-1).contiguous(),
+        coefs.to(device=dev, dtype=acc).reshape(-1).contiguous(), int(step),
         clip is not None, lo, hi, code,
-        prep(v) if code == VARIANCE_CODES["learned_range"] else None,
+        rows(v) if code == VARIANCE_CODES["learned_range"] else None,
         seeds.to(device=dev, dtype=torch.int64).contiguous() if noise is None else None,
         prep(noise) if noise is not None else None,
         target, x0_target,

@@ -9,11 +9,18 @@ reference the tests compare against), with these documented differences:
 * arithmetic is float32 for float32 and bfloat16 states (bfloat16 only at load/store) and
   float64 for float64 states, so a bfloat16 update is more accurate than torch run in bfloat16;
 * the in-kernel noise is the Philox stream of :mod:`dps_fast.noise` (equal to
-  ``philox_normal`` up to float32 rounding of ``log``/``cos``) and is not rounded to bfloat16.
+  ``philox_normal`` up to float32 rounding of ``log``/``sin``/``cos``) and is not rounded to bfloat16.
 
-Tensors may be non-contiguous (they are copied to contiguous memory, never misread), and
-``out`` may be ``x`` itself. Per-sample reductions are deterministic: kernels write one partial
-sum per (sample, block) and torch adds them; no atomics.
+* ``coefs`` must be float32 or float64 (one row of ``NoiseSchedule.table(torch.float32)``, or
+  float64 for float64 states), whatever the state dtype: a bfloat16 row would round
+  ``sqrt(1/abar)`` (~157 at t = 999) by up to 0.2%, an error of ~0.4% in x0hat.
+
+Tensors may be non-contiguous (they are copied to contiguous memory, never misread), except that
+``eps`` and ``v`` are read in place whenever each sample is contiguous (e.g. the channel halves
+``out[:, :C]``, ``out[:, C:]`` of a learned-variance model output): the kernels take their
+per-sample stride. ``out`` may be ``x`` itself. Kernels launch on the device of their state
+tensor (``kernels.launch.device_guard``), whatever the current device. Per-sample reductions are
+deterministic: kernels write one partial sum per (sample, block) and torch adds them; no atomics.
 
 Example:
     >>> from dps_fast.schedule import NoiseSchedule
@@ -117,7 +124,13 @@ def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -
 
 
 def _coefs(coefs: object, x: torch.Tensor) -> torch.Tensor:
-    c = _tensor("coefs", coefs, (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    if isinstance(coefs, torch.Tensor) and coefs.dtype in (torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"coefs: expected float32 or float64 (the kernels' arithmetic type: a "
+            f"{str(coefs.dtype).replace('torch.', '')} row rounds sqrt(1/abar) ~157 by up to 0.2%); "
+            f"pass NoiseSchedule.table(torch.float32) rows for float32/bfloat16 states, got "
+            f"{str(coefs.dtype).replace('torch.', '')}")
+    c = _tensor("coefs", coefs, (torch.float32, torch.float64))
     if c.shape != (Coef.COUNT,):
         raise ValueError(
             f"coefs: expected one row [Coef.COUNT] = [{Coef.COUNT}] of NoiseSchedule.table, "
@@ -151,6 +164,18 @@ def _c(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(t, sample stride)`` when every sample ``t[n]`` is contiguous (the kernels then read
+    ``t`` in place, e.g. a channel slice of a model output), else ``(contiguous copy, S)``."""
+    n, s = _samples(t)
+    expect = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expect:
+            return t.contiguous(), s
+        expect *= size
+    return t, (t.stride(0) if n > 1 else s)
+
+
 def _writable_in_place(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
     """``out`` can be written by an elementwise kernel that reads ``inputs``: contiguous, and
     sharing memory with an input only element for element (``out is x``)."""
@@ -181,7 +206,8 @@ def tweedie(x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, clip: Clip 
     eps = _like("eps", eps, x, "x")
     coefs, clip = _coefs(coefs, x), _clip(clip)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _prep.tweedie(_c(x), _c(eps), coefs, out, clip)
+    eps, eps_sn = _rows(eps)
+    _prep.tweedie(_c(x), eps, coefs, out, clip, eps_sn)
     return out
 
 
@@ -240,8 +266,9 @@ def prep_elementwise(
             m = m.view(torch.uint8)
     x0hat = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     w = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    partial = _prep.prep_elementwise(_c(x), _c(eps), coefs, clip, _c(y), m, x0hat, w,
-                                     mask_per_sample=per_sample_mask)
+    eps, eps_sn = _rows(eps)
+    partial = _prep.prep_elementwise(_c(x), eps, coefs, clip, _c(y), m, x0hat, w,
+                                     mask_per_sample=per_sample_mask, eps_sn=eps_sn)
     return x0hat, w, partial.sum(1)
 
 
@@ -332,9 +359,9 @@ def dps_update(
     if variance == "learned_range":
         if v is None:
             raise ValueError("v: learned_range variance needs the model's variance channels, got None")
-        v = _c(_like("v", v, x, "x"))
+        v, v_sn = _rows(_like("v", v, x, "x"))
     else:
-        v = None
+        v, v_sn = None, None
     if isinstance(step, torch.Tensor):
         if step.dtype != torch.int64 or step.numel() != 1:
             raise TypeError(f"step: expected an int or a one-element int64 tensor, got {step.dtype} of shape "
@@ -365,13 +392,14 @@ def dps_update(
         if out.shape != x.shape:
             raise ValueError(f"out: expected the shape of x {tuple(x.shape)}, got {tuple(out.shape)}")
         _same_device("out", out, x, "x")
-    ins = [_c(x), _c(eps), _c(w), _c(u)]
+    eps, eps_sn = _rows(eps)
+    ins = [_c(x), eps, _c(w), _c(u)]
     extra = [t for t in (v, noise) if t is not None]
     if out is not None and _writable_in_place(out, ins + extra + [gscale, coefs]):
         target = out
     else:
         target = torch.empty(x.shape, dtype=out.dtype if out is not None else x.dtype, device=x.device)
-    _update.dps_update(*ins, v, noise, gscale, seeds, coefs, target, step, clip, variance)
+    _update.dps_update(*ins, v, noise, gscale, seeds, coefs, target, step, clip, variance, eps_sn, v_sn)
     if out is not None and target is not out:
         return out.copy_(target)
     return target

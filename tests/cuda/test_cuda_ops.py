@@ -54,7 +54,8 @@ def _update_case(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> d
     g = _gen(seed + sum(shape))
     n = shape[0]
     r = lambda s=1.0: (torch.randn(shape, generator=g, device=DEV, dtype=torch.float64) * s).to(dtype)  # noqa: E731
-    table = NoiseSchedule.linear(1000).respace(50).table(dtype, DEV)
+    # coefficients in the kernels' arithmetic type (float32 for 16-bit states), as the binding requires
+    table = NoiseSchedule.linear(1000).respace(50).table(torch.float64 if dtype == torch.float64 else torch.float32, DEV)
     return dict(x=r(1.5), eps=r(), w=r(0.3), u=r(0.3), v=r(0.5).clamp(-1, 1), noise=r(),
                 gscale=torch.rand(n, generator=g, device=DEV, dtype=torch.float64).to(dtype),
                 seeds=torch.tensor((SEEDS * 2)[:n], dtype=torch.int64, device=DEV), coefs=table[23])
@@ -195,6 +196,49 @@ def test_dps_update_sample_independent_of_batch_position() -> None:
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variance", ["learned_range", "fixed_small"])
+@pytest.mark.parametrize("shape", [(3, 3, 8, 8), (2, 1, 5, 7)], ids=["vector", "scalar"])
+def test_dps_update_reads_output_slices_in_place(monkeypatch, shape, variance) -> None:
+    """eps = out[:, :C], v = out[:, C:] of a [N, 2C, ...] output reach the op as views (no copy)
+    and give the contiguous result bit for bit."""
+    a = _update_case(torch.float32, shape)
+    c = shape[1]
+    model_out = torch.cat([a["eps"], a["v"]], 1)
+    strided = dict(a, eps=model_out[:, :c], v=model_out[:, c:])
+    seen = []
+    real = torch.ops.dps_fast.dps_update
+
+    def spy(*args):
+        seen.append((args[1].data_ptr(), None if args[11] is None else args[11].data_ptr()))
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.dps_fast, "dps_update", spy)
+    got = cuda_ops.dps_update(*_update_args(strided, (-1.0, 1.0), variance, False))
+    want = cuda_ops.dps_update(*_update_args(a, (-1.0, 1.0), variance, False))
+    assert torch.equal(got, want)
+    assert seen[0][0] == strided["eps"].data_ptr()
+    if variance == "learned_range":
+        assert seen[0][1] == strided["v"].data_ptr()
+
+
+def test_bf16_x0hat_is_storage_rounding() -> None:
+    """float32 coefficients for a bfloat16 state near t = 999: x0hat is the float64 value of the
+    same inputs rounded once to bfloat16 (a bfloat16 row would be off by up to 0.2% x 157)."""
+    sched = NoiseSchedule.linear(1000)
+    i, shape = 995, (2, 3, 16, 16)
+    g = _gen(5)
+    abar = 1.0 / float(sched.table()[i, 2]) ** 2
+    e = torch.randn(shape, generator=g, device=DEV, dtype=torch.float64)
+    x = (abar**0.5 * (torch.rand(shape, generator=g, device=DEV, dtype=torch.float64) * 2 - 1)
+         + (1 - abar) ** 0.5 * e).to(torch.bfloat16)
+    eps = (e + 0.002 * torch.randn(shape, generator=g, device=DEV, dtype=torch.float64)).to(torch.bfloat16)
+    a = dict(_update_case(torch.bfloat16, shape), x=x, eps=eps, coefs=sched.table(torch.float32, DEV)[i])
+    x0hat = torch.full_like(x, float("nan"))
+    cuda_ops.dps_update(*_update_args(a, None, "fixed_small", False), x0hat_out=x0hat)
+    ref = torch_ops.tweedie(x.double(), eps.double(), sched.table(torch.float64, DEV)[i], None)
+    assert rel_err(x0hat, ref) <= 1.01 * rel_err(ref.to(torch.bfloat16), ref)
+
+
 # ---- noise --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("numel", "step", "stream"), [(1, 0, 0), (37, 9, 1), (3000, 2**32 - 1, 0)])
 def test_philox_words_bit_exact(numel, step, stream) -> None:
@@ -210,7 +254,7 @@ def test_philox_normal_matches_noise(dtype, stream) -> None:
     _poison_allocator(len(SEEDS) * 4099 * 8)
     got = cuda_ops.philox_normal(seeds, 4099, 17, stream, dtype)
     want = philox_normal(seeds.cpu(), 4099, 17, stream, dtype)
-    # identical uint32 words; only the device's logf/cosf differ from torch's CPU ones (a few ulp)
+    # identical uint32 words; only the device's logf/sincosf differ from torch's CPU ones (a few ulp)
     atol = 1e-12 if dtype == torch.float64 else 4e-6
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=atol)
 
