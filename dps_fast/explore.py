@@ -120,7 +120,8 @@ def _pick_best(scales: list[dict[str, Any]], key: str, lower_is_better: bool) ->
 
 
 def explore_1d(steps: int = 250, samples: int = 64, seed: int = 0, zetas: Optional[Sequence[float]] = None,
-               times: int = 7, min_scales: int = MIN_SCALES, log: Optional[Callable[[str], None]] = None) -> dict:
+               times: int = 7, min_scales: int = MIN_SCALES, log: Optional[Callable[[str], None]] = None,
+               progress: bool = False) -> dict:
     """Scan the demo's 1-D problem over ``zetas`` (default ``zeta_grid(1e-4, 0.1, 25)``) and
     return the page data. ``min_scales`` non-diverging scales are guaranteed by refining the grid
     below the divergence when the first pass has fewer (pass 0 to keep the grid as given)."""
@@ -133,11 +134,11 @@ def explore_1d(steps: int = 250, samples: int = 64, seed: int = 0, zetas: Option
         raise ValueError(f"times: expected an int >= 2, got {times!r}")
     zetas = list(zetas) if zetas is not None else zeta_grid(1e-4, 0.1, 25)
     with one_thread():
-        return _explore_1d(steps, samples, seed, zetas, times, min_scales, say)
+        return _explore_1d(steps, samples, seed, zetas, times, min_scales, say, progress)
 
 
 def _explore_1d(steps: int, samples: int, seed: int, zetas: list[float], times: int, min_scales: int,
-                say: Callable[[str], None]) -> dict:
+                say: Callable[[str], None], progress: bool) -> dict:
     t0 = time.perf_counter()
     p = demo_problem(seed=seed)
     sched = NoiseSchedule.linear(1000).respace(steps)
@@ -149,7 +150,7 @@ def _explore_1d(steps: int, samples: int, seed: int, zetas: list[float], times: 
 
     def run(zs: Sequence[float]) -> list[ZetaRun]:
         return run_zetas(eps, sched, p.operator, p.y, p.sigma_n, zs, samples, seed, record, backend="torch",
-                         log=say, max_batch=max(1, 4096 // samples))
+                         log=say, max_batch=max(1, 4096 // samples), progress=progress)
 
     shown = _scan(run, zetas, min_scales, say)
     pm, ps = post.mean[0], post.cov[0].diagonal().sqrt()
@@ -208,7 +209,7 @@ def explore_image(model: Callable, operator: Any, image: torch.Tensor, sigma_n: 
                   guidance: str = "normalized", clip: bool = True, schedule: Optional[NoiseSchedule] = None,
                   device: Optional[torch.device] = None, backend: str = "auto", name: str = "image",
                   min_scales: int = 0, max_batch: int = 16, log: Optional[Callable[[str], None]] = None,
-                  **dps_options: Any) -> dict:
+                  progress: bool = False, **dps_options: Any) -> dict:
     """Scan one image ``[C, H, W]`` (in [-1, 1]) over ``zetas`` (default ``zeta_grid(0.03, 3, 16)``)
     with the network ``model`` and return the page data (x0hat strips over t per zeta)."""
     from .reconstruct.metrics import psnr, ssim
@@ -230,9 +231,12 @@ def explore_image(model: Callable, operator: Any, image: torch.Tensor, sigma_n: 
     say(f"scanning {len(zetas)} guidance scales, {samples} samples x {sched.num_steps} steps each on {dev}")
 
     def run(zs: Sequence[float]) -> list[ZetaRun]:
+        # no torch.compile by default: splitting a diverging batch changes the shape, and every
+        # new shape would compile again for a one-off scan
+        opts = dict({"compile": False}, **dps_options)
         return run_zetas(model, sched, operator, y, sigma_n, zs, samples, seed, record, guidance=guidance,
                          clip_x0=(-1.0, 1.0) if clip else None, backend=backend, log=say,
-                         max_batch=max(1, max_batch // samples), **dps_options)
+                         max_batch=max(1, max_batch // samples), progress=progress, **opts)
 
     shown = _scan(run, zetas, min_scales, say)
     ref01 = ((image.double() + 1) / 2).clamp(0, 1)
@@ -313,7 +317,7 @@ def _main(args: argparse.Namespace) -> int:
         lo, hi = args.zeta_min or 1e-4, args.zeta_max or 0.1
         data = explore_1d(steps=args.steps or 250, samples=args.samples or 64, seed=args.seed,
                           zetas=zeta_grid(lo, hi, args.zetas or 25), times=args.times,
-                          min_scales=MIN_SCALES if args.refine else 0, log=say)
+                          min_scales=MIN_SCALES if args.refine else 0, log=say, progress=not args.quiet)
     else:
         from .reconstruct.cli import build_operator, load_model
         from .reconstruct.data import InputError, read_image
@@ -334,7 +338,8 @@ def _main(args: argparse.Namespace) -> int:
                              seed=args.seed, zetas=zeta_grid(lo, hi, args.zetas or 16), times=args.times,
                              guidance=args.guidance, clip=args.clip, schedule=schedule,
                              device=torch.device(args.device) if args.device else None, backend=args.backend,
-                             name=Path(args.image).name, min_scales=MIN_SCALES if args.refine else 0, log=say)
+                             name=Path(args.image).name, min_scales=MIN_SCALES if args.refine else 0, log=say,
+                             progress=not args.quiet)
     out = write_page(data, args.out)
     shown = data["scales"]
     ok = sum(s["diverged"] is None for s in shown)

@@ -201,7 +201,7 @@ def test_random_weights_need_a_model_and_no_checkpoint(images, tmp_path, capsys)
 
 
 # ---- reconstruct: a run's messages, metrics and status ------------------------------------------
-def test_random_weights_run_writes_metrics_as_items_finish(tmp_path, capsys):
+def test_metrics_csv_grows_as_items_finish(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
@@ -214,24 +214,26 @@ def test_random_weights_run_writes_metrics_as_items_finish(tmp_path, capsys):
             rows = list(csv.DictReader(f))
         seen.append(len({r["image"] for r in rows}))
 
-    reconstruct(folder, out, ADMUNet.with_random_weights("tiny32"), GaussianBlur(3.0), steps=2, samples=2,
-                batch_size=1, device="cpu", progress=False, on_item_done=on_done)
+    reconstruct(folder, out, ADMUNet.from_config("tiny32"), GaussianBlur(3.0), steps=2, samples=2, batch_size=1,
+                device="cpu", progress=False, on_item_done=on_done)
     assert seen == [1, 2, 3]
-    # the CLI with --random-weights: no checkpoint needed; the manifest says what ran
-    out2 = tmp_path / "cli"
-    assert main(_recon(folder, out2, "--random-weights")) == 0
-    m = json.loads((out2 / MANIFEST).read_text())
+
+
+def test_random_weights_run_without_a_checkpoint(images, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(_recon(images, out, "--random-weights")) == 0
+    m = json.loads((out / MANIFEST).read_text())
     assert m["status"] == "complete" and m["options"]["model_source"]["random_weights"] == {"seed": 0, "scale": 0.05}
-    assert "3/3 inputs done" in capsys.readouterr().out
+    assert "1/1 inputs done" in capsys.readouterr().out
 
 
-def test_empty_input_folder_warns(tmp_path, caplog, capsys):
+def test_empty_input_folder_warns(tmp_path, caplog):
     empty = tmp_path / "empty"
     empty.mkdir()
     with caplog.at_level(logging.WARNING):
-        assert main(_recon(empty, tmp_path / "out", "--random-weights")) == 0
-    assert "no inputs found in" in caplog.text and str(empty) in caplog.text
-    assert "0/0 inputs done" in capsys.readouterr().out
+        s = reconstruct(empty, tmp_path / "out", ADMUNet.from_config("tiny32"), Identity(), steps=2, device="cpu",
+                        progress=False)
+    assert s.total == 0 and "no inputs found in" in caplog.text and str(empty) in caplog.text
 
 
 def test_merge_only_shows_an_interrupted_run(images, tmp_path, capsys, monkeypatch):
