@@ -1,7 +1,10 @@
-"""The ``dps-fast`` command: ``demo`` (the main job, on an embedded problem) and ``reconstruct``.
+"""The ``dps-fast`` command. Each sub-command lives in its own module, which exposes
+``add_parser(subparsers)`` (registering its options and ``func``); :func:`main` maps errors to
+the documented exit codes (see ``EXIT_CODES`` in :mod:`dps_fast._help`).
 
-Run ``dps-fast demo`` with no arguments for the 1-D deblurring demo (one PNG), or
-``torchrun --nproc-per-node N -m dps_fast.cli reconstruct ...`` for datasets.
+Example:
+    dps-fast demo
+    torchrun --nproc-per-node N -m dps_fast.cli reconstruct ...
 """
 
 from __future__ import annotations
@@ -9,60 +12,80 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
+import traceback
 from typing import Optional, Sequence
 
-__all__ = ["main"]
+from ._help import EXIT_CODES, HelpFormatter
 
+__all__ = ["main", "build_parser", "EXIT_DIVERGED", "EXIT_USAGE", "EXIT_INTERNAL"]
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import DEFAULT_ZETA, run_demo
+EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
-    t0 = time.perf_counter()
-    print(f"dps-fast demo: 1-D Gaussian deblurring (sigma_b = 3 px, sigma_n^2 = 0.01), "
-          f"Gaussian-mixture prior, {args.steps} steps, seed {args.seed}", flush=True)
-    summary = run_demo(out=args.out, seed=args.seed, zeta=args.zeta if args.zeta is not None else DEFAULT_ZETA,
-                       steps=args.steps, samples=args.samples, progress=not args.quiet,
-                       log=lambda m: print(m, flush=True))
-    for k, v in summary.items():
-        if k.startswith("mean_rel_err"):
-            print(f"  {k}: {v:.3f} (relative L2 error of the DPS mean vs the exact posterior mean)")
-    print(f"wrote {summary['out']} in {time.perf_counter() - t0:.1f} s")
-    return 0
+DESCRIPTION = """Diffusion Posterior Sampling (DPS): a demo and an interactive explorer on a 1-D problem
+whose exact posterior is known, and posterior sampling for image datasets.
+
+examples:
+  dps-fast demo                      1-D deblurring, three guidance scales -> demo_out/dps_demo.png
+  dps-fast explore                   the same problem with a zeta slider -> demo_out/explore.html
+  dps-fast explore --model tiny32 --random-weights --image face.png
+                                     x0hat over t per zeta for an image (use --checkpoint for real weights)
+  dps-fast reconstruct faces/ --out runs/blur --model ffhq256 --checkpoint ffhq_10m.pt --samples 4
+  dps-fast reconstruct --help        where to get checkpoints, the outputs, resuming, torchrun"""
+
+# Errors a user can fix: shown as one line, exit code 2. Anything else is an internal error (3).
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dps-fast", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="1-D DPS demo with an exact posterior; writes one PNG")
-    demo.add_argument("--out", default="dps_demo.png", help="output PNG path (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="problem and sampler seed (default: %(default)s)")
-    demo.add_argument("--zeta", type=float, default=None,
-                      help="the 'about right' guidance scale; the figure also shows zeta/10 and 3*zeta "
-                           "(default: the tuned value in dps_fast.demo.DEFAULT_ZETA)")
-    demo.add_argument("--steps", type=int, default=250, help="sampling steps, respaced from 1000 (default: %(default)s)")
-    demo.add_argument("--samples", type=int, default=64, help="posterior samples (default: %(default)s)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=_demo)
-    from .reconstruct.cli import add_parser, run
+    from . import demo, explore
+    from .reconstruct import cli as reconstruct_cli
 
-    add_parser(sub).set_defaults(func=run)
+    parser = argparse.ArgumentParser(prog="dps-fast", description=DESCRIPTION, epilog=EXIT_CODES,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level and print the traceback of any error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo.add_parser(sub)
+    explore.add_parser(sub)
+    reconstruct_cli.add_parser(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``dps-fast``; returns the exit code (argparse itself exits 2 on a bad command line)."""
+    from .divergence import NonFiniteError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad command line (2, message printed by argparse)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    name = f"dps-fast {args.command}"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"dps-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NonFiniteError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{name}: diverged: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except USER_ERRORS as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - the documented exit code 3, one line without -v
+        if args.verbose:
+            traceback.print_exc()
+            print(f"{name}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"{name}: internal error: {type(exc).__name__}: {first} (re-run with -v for the traceback)",
+                  file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

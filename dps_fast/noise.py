@@ -154,18 +154,29 @@ def philox_normal(
     return z.to(dtype)
 
 
-def seeds_from(generator: torch.Generator | None, n: int, seed: int | None = None) -> torch.Tensor:
-    """``n`` int64 sample seeds in [0, 2^62): from ``seed`` (deterministic) or a torch generator.
+def seeds_from(generator: torch.Generator | None, n: int | tuple[int, int], seed: int | None = None) -> torch.Tensor:
+    """Int64 sample seeds in [0, 2^62): from ``seed`` (deterministic) or a torch generator.
 
-    ``seed`` gives sample ``j`` the seed ``philox(seed, j)``, so sample ``j`` of a run with seed ``s``
-    is the same whatever ``n`` is.
+    ``n`` is a count (returns ``[n]``) or a shape ``(B, S)`` (returns ``[B, S]``: S samples for
+    each of B measurements). With ``seed``, sample ``(b, s)`` gets ``philox(key=seed,
+    counter=(s, b, 0x5EED, 0))``: a function of ``(seed, b, s)`` only, so changing the number of
+    samples or measurements never changes the samples that remain. A count ``n`` is row ``b = 0``.
+
+    >>> a, b = seeds_from(None, (2, 3), seed=7), seeds_from(None, (3, 5), seed=7)
+    >>> bool(torch.equal(a, b[:2, :3])), bool(torch.equal(a[0], seeds_from(None, 3, seed=7)))
+    (True, True)
     """
+    shape = (n,) if isinstance(n, int) else tuple(n)
+    if len(shape) not in (1, 2) or not all(isinstance(k, int) and k >= 0 for k in shape):
+        raise ValueError(f"n: expected a count or a shape (B, S) of non-negative ints, got {n!r}")
     if seed is not None:
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
-        j = torch.arange(n, dtype=torch.int64)
-        zero = torch.zeros_like(j)
-        r0, r1, _, _ = philox4x32(j & _M32, j >> 32, zero + 0x5EED, zero,
-                                  torch.full_like(j, seed & _M32), torch.full_like(j, (seed >> 32) & _M32))
-        return ((r1 & 0x3FFFFFFF) << 32) | r0
-    return torch.randint(0, 2**62, (n,), generator=generator, dtype=torch.int64)
+        rows, cols = (1,) + shape if len(shape) == 1 else shape
+        s = torch.arange(cols, dtype=torch.int64).expand(rows, cols)
+        b = torch.arange(rows, dtype=torch.int64).view(rows, 1).expand(rows, cols)
+        zero = torch.zeros_like(s)
+        r0, r1, _, _ = philox4x32(s & _M32, b & _M32, zero + 0x5EED, zero,
+                                  torch.full_like(s, seed & _M32), torch.full_like(s, (seed >> 32) & _M32))
+        return (((r1 & 0x3FFFFFFF) << 32) | r0).reshape(shape)
+    return torch.randint(0, 2**62, shape, generator=generator, dtype=torch.int64)

@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .backends import Backend, StepProblem, get_backend
+from .backends import Backend, StepProblem, check_backend, get_backend
+from .divergence import RUNAWAY_FACTOR, DivergenceGuard, NonFiniteError
 from .models.wrapper import ScoreNetwork
 from .noise import STREAM_INIT, philox_normal, seeds_from
 from .operators.base import Operator
@@ -37,10 +38,6 @@ __all__ = ["DPS", "DPSResult", "NonFiniteError"]
 
 GUIDANCE = ("squared", "normalized")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-
-
-class NonFiniteError(FloatingPointError):
-    """The chain produced NaN/inf; the message names the step and suggests a smaller zeta."""
 
 
 @dataclass
@@ -78,6 +75,16 @@ def _as_row_param(value: Union[float, Sequence[float], torch.Tensor], name: str,
     return t
 
 
+def _model_device(model: Callable) -> Optional[torch.device]:
+    """The device of an ``nn.Module``'s first parameter or buffer; None for a plain function."""
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return None
+
+
 class DPS:
     """Diffusion Posterior Sampling.
 
@@ -88,7 +95,7 @@ class DPS:
         operator: the forward model ``A`` (:mod:`dps_fast.operators`): any :class:`~dps_fast.operators.Operator`,
             linear or not (wrap your own callable or ``nn.Module`` in ``operators.Differentiable``).
         zeta: guidance scale, a float or one per measurement.
-        sigma_n: measurement noise standard deviation (> 0 for "squared" guidance).
+        sigma_n: measurement noise standard deviation, >= 0 (> 0 for "squared" guidance).
         guidance: "squared" (``zeta/(2 sigma_n^2) grad ||r||^2``), "normalized" (``zeta grad ||r||``
             per sample), or a sequence with one mode per measurement.
         clip_x0: ``None`` or ``(lo, hi)`` to clamp x0hat; the gradient respects the clamp.
@@ -124,6 +131,11 @@ class DPS:
         torch.Size([1, 8, 1, 4])
     """
 
+    #: Divergence rule of :mod:`dps_fast.divergence`: a chain whose RMS exceeds this many times the
+    #: largest the schedule allows raises NonFiniteError. None on an instance turns only this check
+    #: off (NaN/inf still raise), e.g. to compare backends' arithmetic on an untrained network.
+    runaway_factor: Optional[float] = RUNAWAY_FACTOR
+
     def __init__(
         self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
         operator: LinearOperator, zeta: Union[float, Sequence[float], torch.Tensor] = 1.0,
@@ -153,8 +165,8 @@ class DPS:
         zt = torch.as_tensor(zeta, dtype=torch.float64)
         if not torch.isfinite(zt).all() or (zt < 0).any():
             raise ValueError(f"zeta: expected finite values >= 0, got {zeta!r}")
-        if not (isinstance(sigma_n, (int, float)) and math.isfinite(sigma_n)):
-            raise ValueError(f"sigma_n: expected a finite float, got {sigma_n!r}")
+        if not (isinstance(sigma_n, (int, float)) and math.isfinite(sigma_n)) or sigma_n < 0:
+            raise ValueError(f"sigma_n: expected a finite standard deviation >= 0, got {sigma_n!r}")
         if "squared" in modes and sigma_n <= 0 and noise_model is None:
             raise ValueError(f"sigma_n: 'squared' guidance divides by sigma_n^2 and needs sigma_n > 0, got {sigma_n}")
         if variance is not None and variance not in VARIANCES:
@@ -165,6 +177,7 @@ class DPS:
             clip_x0 = (float(clip_x0[0]), float(clip_x0[1]))
         if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
             raise ValueError(f"check_every: expected a positive int or None, got {check_every!r}")
+        check_backend(backend, _model_device(model))  # fail here, not at the first step of a run
         self.model = model
         self.schedule = schedule
         self.operator = operator
@@ -299,7 +312,7 @@ class DPS:
                                  f"{getattr(seeds, 'dtype', type(seeds))} {tuple(getattr(seeds, 'shape', ()))}")
             seeds = seeds.cpu()
         else:
-            seeds = seeds_from(generator, n, seed).view(b, num_samples)
+            seeds = seeds_from(generator, (b, num_samples), seed)  # sample (b, s): f(seed, b, s) only
         p = self._problem(y, num_samples, seeds, x_shape, dtype)
         numel = math.prod(x_shape[1:])
         x = philox_normal(p.seeds, numel, self.schedule.num_steps, STREAM_INIT, dtype)
@@ -340,7 +353,8 @@ class DPS:
             y: ``[B, *out]`` measurements (the shape ``A`` produces).
             num_samples: S >= 1 samples per measurement.
             generator / seed / seeds: where the per-sample seeds come from: explicit ``seeds``
-                ``[B, S]`` int64, else ``seed`` (deterministic per sample index), else
+                ``[B, S]`` int64, else ``seed`` (sample ``(b, s)`` depends on ``(seed, b, s)``
+                only, so more samples or measurements leave the others unchanged), else
                 ``torch.randint`` with ``generator`` (the global RNG when None).
             record: step indices ``i`` (or "all") at which to keep x0hat in ``trajectory``.
             progress: show a tqdm progress bar over the steps.
@@ -358,7 +372,7 @@ class DPS:
         x_shape = (b,) + tuple(x.shape[1:])
         backend = self.backend(dev)
         check_every = self.check_every or (1 if dev.type == "cpu" else None)
-        bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        guard = DivergenceGuard(self.schedule, dev, self.runaway_factor)  # NaN/inf or runaway growth
         trajectory: dict[int, torch.Tensor] = {}
         nfe = 0
         stopped_at = None
@@ -380,31 +394,24 @@ class DPS:
                     else:
                         out = backend.step(p, x, i, final=(i == 0), in_place=True)
                     nfe += out.nfe
-                    bad_step.masked_fill_((bad_step < 0) & ~torch.isfinite(out.rnorm2).all(), i)
+                    guard.observe(i, out)
                     if i in rec:
                         trajectory[i] = out.x0hat.detach().clone().view(bshape)
                     if check_every is not None and (i % check_every == 0):
-                        self._raise_if_bad(bad_step, p)
+                        guard.check(self.zeta)
                     bar.update(1)
                     if callback is not None and i > 0 and callback(i, x, out.x0hat) is False:
                         stopped_at = i
                         break
         finally:
             bar.close()
-        self._raise_if_bad(bad_step, p)
+        guard.check(self.zeta)
         samples = out.x0hat.view(bshape)
         return DPSResult(
             samples=samples, mean=samples.mean(1),
             std=samples.std(1, unbiased=False) if num_samples > 1 else torch.zeros_like(samples[:, 0]),
             trajectory=trajectory, nfe=nfe, residual_norm=out.rnorm2.sqrt().view(b, num_samples),
             seeds=seeds, stopped_at=stopped_at, steps=k)
-
-    def _raise_if_bad(self, bad_step: torch.Tensor, p: StepProblem) -> None:
-        i = int(bad_step)
-        if i >= 0:
-            raise NonFiniteError(
-                f"x_t became non-finite at step i={i} (network timestep t={int(p.t[i, 0])}): the guidance "
-                f"step is too large for this problem; try a smaller zeta (now {self.zeta!r})")
 
     def __repr__(self) -> str:
         return (f"DPS(operator={self.operator!r}, steps={self.schedule.num_steps}, zeta={self.zeta!r}, "

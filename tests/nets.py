@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from dps_fast import DPS
+
 
 class TinyEps(nn.Module):
     """conv -> SiLU -> conv with a timestep embedding; 1-D or 2-D; ``learn_sigma`` doubles the output."""
@@ -27,3 +29,12 @@ class TinyEps(nn.Module):
             c = x.shape[1]
             out = torch.cat([out[:, :c], torch.tanh(out[:, c:])], 1)
         return out
+
+
+class UntrainedDPS(DPS):
+    """DPS for the untrained networks above: their chains leave the range the noise schedule
+    allows even without guidance (RMS 1e5-1e6 on some test problems), which the sampler reports
+    as runaway divergence. Tests that compare arithmetic between backends on them switch only that
+    check off; NaN/inf still raise."""
+
+    runaway_factor = None

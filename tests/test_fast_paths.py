@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dps_fast import DPS, NoiseSchedule, operators
+from dps_fast import NoiseSchedule, operators
 from tests.nets import TinyEps
+from tests.nets import UntrainedDPS as DPS  # untrained nets run away: see tests/nets.py
 
 F64 = torch.float64
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,8 +4,9 @@ CUDA-graph replay and inductor compile against the torch backend on the same see
 import pytest
 import torch
 
-from dps_fast import DPS, NoiseSchedule, operators
+from dps_fast import NoiseSchedule, operators
 from tests.nets import TinyEps
+from tests.nets import UntrainedDPS as DPS  # untrained nets run away: see tests/nets.py
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

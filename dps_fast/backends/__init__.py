@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from typing import Optional
 
 import torch
 
@@ -12,7 +14,8 @@ from .base import Backend, FusedBackend, ReferenceBackend, StepOutput, StepProbl
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Backend", "FusedBackend", "ReferenceBackend", "StepProblem", "StepOutput", "get_backend", "BACKENDS"]
+__all__ = ["Backend", "FusedBackend", "ReferenceBackend", "StepProblem", "StepOutput", "get_backend", "check_backend",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 
@@ -39,6 +42,28 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def check_backend(name: str, device: Optional[torch.device] = None) -> None:
+    """Raise ValueError now if backend ``name`` cannot run on ``device`` (None: not known yet).
+
+    Called when a sampler is built, so that a run fails before it writes anything rather than at
+    its first step. ``triton`` needs the triton package and CUDA tensors (or any device under
+    ``TRITON_INTERPRET=1``, Triton's CPU interpreter); ``cuda`` needs CUDA tensors.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("backend: 'triton' needs the triton package (pip install triton); "
+                             "use 'auto' or 'torch' without it")
+        # the same test as kernels/launch.py::interpreting, without importing the kernels
+        interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if device is not None and device.type != "cuda" and not interpreting:
+            raise ValueError(f"backend: 'triton' runs on CUDA devices, got the model on {device}; use 'auto' or "
+                             f"'torch' there (or set TRITON_INTERPRET=1 for Triton's slow CPU interpreter)")
+    if name == "cuda" and device is not None and device.type != "cuda":
+        raise ValueError(f"backend: 'cuda' runs on CUDA devices, got the model on {device}; use 'auto' or 'torch'")
 
 
 def get_backend(name: str, device: torch.device) -> Backend:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ADMUNet", "ADM_CONFIGS", "timestep_embedding", "legacy_qkv_attention"]
+__all__ = ["ADMUNet", "ADM_CONFIGS", "timestep_embedding", "legacy_qkv_attention", "read_state_dict",
+           "best_matching_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -363,31 +364,96 @@ def _resolve_config(config: str | Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _mismatch_report(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, Any], limit: int = 8) -> str:
-    """One-paragraph description of how a checkpoint's keys/shapes differ from the model's; '' if none."""
+def _mismatch_report(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, Any], limit: int = 3) -> str:
+    """A short description of how a checkpoint's keys/shapes differ from the model's; '' if none.
+
+    Counts, then at most ``limit`` examples of each kind (the full lists of a wrong-architecture
+    checkpoint run to kilobytes)."""
 
     def listing(items: list[str]) -> str:
-        more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+        more = ", ..." if len(items) > limit else ""
         return ", ".join(items[:limit]) + more
 
     missing = [k for k in model_sd if k not in ckpt]
     unexpected = [k for k in ckpt if k not in model_sd]
     shapes = [
-        f"{k}: checkpoint {tuple(ckpt[k].shape) if torch.is_tensor(ckpt[k]) else type(ckpt[k]).__name__}"
-        f" vs model {tuple(v.shape)}"
+        f"{k} {tuple(ckpt[k].shape) if torch.is_tensor(ckpt[k]) else type(ckpt[k]).__name__}"
+        f" vs {tuple(v.shape)}"
         for k, v in model_sd.items()
         if k in ckpt and (not torch.is_tensor(ckpt[k]) or ckpt[k].shape != v.shape)
     ]
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing keys [{listing(missing)}]")
+        parts.append(f"{len(missing)} of its {len(model_sd)} tensors missing (e.g. {listing(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys [{listing(unexpected)}]")
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {listing(unexpected)})")
     if shapes:
-        parts.append(f"{len(shapes)} shape mismatches [{listing(shapes)}]")
+        parts.append(f"{len(shapes)} shapes differ (checkpoint vs model, e.g. {listing(shapes)})")
     if unexpected and all(k.startswith("module.") for k in ckpt):
         parts.append("hint: the keys carry a DistributedDataParallel 'module.' prefix; strip it")
     return "; ".join(parts)
+
+
+def best_matching_config(ckpt: Mapping[str, Any]) -> tuple[str | None, int, int]:
+    """``(preset, matching, total)``: the :data:`ADM_CONFIGS` preset whose state_dict shares the most
+    (key, shape) pairs with ``ckpt``; ``total`` is the larger of the two key counts, so
+    ``matching == total`` means the checkpoint is exactly that preset. Built on the meta device."""
+    best: tuple[str | None, int, int] = (None, 0, max(1, len(ckpt)))
+    for name in ADM_CONFIGS:
+        with torch.device("meta"):
+            sd = ADMUNet.from_config(name).state_dict()
+        same = sum(1 for k, v in sd.items() if torch.is_tensor(ckpt.get(k)) and ckpt[k].shape == v.shape)
+        total = max(len(sd), len(ckpt))
+        if best[0] is None or same / total > best[1] / best[2]:
+            best = (name, same, total)
+    return best
+
+
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"%PDF", "a PDF document"))
+
+
+def read_state_dict(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+                    arg: str = "path") -> Mapping[str, Any]:
+    """The state_dict in a ``torch.save`` file (a plain dict of tensors, or one under "state_dict").
+
+    Loads with ``weights_only=True`` (no code from the file runs). Every failure is a short
+    error under the argument's name ``arg``: FileNotFoundError for a missing file, ValueError
+    "``arg``: PATH is not a readable state_dict (reason)" for anything else.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{arg}: no checkpoint file at {path!r}")
+
+    def unreadable(reason: str) -> ValueError:
+        return ValueError(f"{arg}: {path!r} is not a readable state_dict ({reason})")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    kind = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+    if kind is not None:
+        raise unreadable(f"it is {kind}")
+    if not head:
+        raise unreadable("the file is empty")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
+        text = str(exc)
+        if "Unsupported global" in text:
+            reason = ("it holds Python objects besides tensors, which weights_only loading refuses; if you trust "
+                      "the file, re-save only its tensors: torch.save(torch.load(path, weights_only=False)[KEY], "
+                      "new_path)")
+        elif head.startswith(b"PK"):
+            reason = "a damaged or truncated torch.save archive"
+        else:
+            reason = f"not a torch.save file: {type(exc).__name__}"
+        raise unreadable(reason) from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        got = type(state).__name__ if not isinstance(state, Mapping) else "a dict without only tensors"
+        raise unreadable(f"expected a dict of tensors, got {got}")
+    return state
 
 
 # ---- the model ----------------------------------------------------------------------------
@@ -539,40 +605,72 @@ class ADMUNet(nn.Module):
         path: str | os.PathLike[str],
         config: str | Mapping[str, Any] = "ffhq256",
         map_location: str | torch.device = "cpu",
+        *,
+        path_arg: str = "path",
+        config_arg: str = "config",
         **overrides: Any,
     ) -> "ADMUNet":
         """Load an official guided-diffusion checkpoint (a plain state_dict ``.pt``).
 
         The layout is checked against ``config`` on the meta device first, so a checkpoint of
-        another architecture fails at once with a ValueError listing missing/unexpected keys
-        and shape mismatches. Parameters take the checkpoint's tensors directly (no second
-        copy); a non-float32 checkpoint is cast to float32.
+        another architecture fails at once with a ValueError giving counts and a few examples of
+        missing/unexpected keys and shape mismatches, and the preset the checkpoint matches best.
+        Parameters take the checkpoint's tensors directly (no second copy); a non-float32
+        checkpoint is cast to float32. ``path_arg`` / ``config_arg`` name the arguments in error
+        messages (the CLI passes "--checkpoint" / "--model").
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: the checkpoint does not match ``config``.
+            ValueError: the file is not a readable state_dict, or it does not match ``config``.
+
+        Example:
+            >>> model = ADMUNet.from_checkpoint("ffhq_10m.pt", "ffhq256")  # doctest: +SKIP
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"path: no checkpoint file at {path!r}")
         with torch.device("meta"):
             model = cls.from_config(config, **overrides)
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
-        if not isinstance(state, Mapping):
-            raise ValueError(f"path: expected {path!r} to hold a state_dict, got {type(state).__name__}")
+        state = read_state_dict(path, map_location, arg=path_arg)
         report = _mismatch_report(model.state_dict(), state)
         if report:
-            name = config if isinstance(config, str) else "the given config"
-            raise ValueError(
-                f"path: checkpoint {path!r} does not match the ADM architecture of {name}: {report}"
-            )
+            name = f"{config_arg} {config}" if isinstance(config, str) else f"the given {config_arg}"
+            best, same, total = best_matching_config(state)
+            if best is not None and same == total:
+                verdict = f"it is a {best} checkpoint: use {config_arg} {best}"
+            elif best is not None and same > 0:
+                verdict = f"the closest preset is {best} ({same} of {total} tensors match), so it is none of them"
+            else:
+                verdict = f"it matches none of the presets {sorted(ADM_CONFIGS)}"
+            raise ValueError(f"{path_arg}: {path!r} does not match the ADM architecture of {name} ({report}); "
+                             f"{verdict}")
         model.load_state_dict(state, strict=True, assign=True)
         if any(p.dtype != torch.float32 for p in model.parameters()):
             model = model.float()
         num_params = sum(p.numel() for p in model.parameters())
         logger.info("loaded ADM checkpoint %s (%d parameters)", path, num_params)
+        return model.eval()
+
+    @classmethod
+    def with_random_weights(cls, config: str | Mapping[str, Any], seed: int = 0, scale: float = 0.05,
+                            **overrides: Any) -> "ADMUNet":
+        """The architecture of ``config`` with the official initialisation plus ``scale * N(0, 1)``
+        on every tensor (so the zero-initialised output layers give a non-zero eps), seeded.
+
+        For smoke tests and benchmarks without a checkpoint (``--random-weights``): the outputs
+        mean nothing, the cost and the shapes are those of the real model. The conformance
+        fixture of tests/fixtures/adm was made the same way.
+
+        >>> ADMUNet.with_random_weights("tiny32", seed=1).out[2].weight.abs().sum() > 0
+        tensor(True)
+        """
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        with torch.random.fork_rng(devices=[]):  # the official init draws from the global RNG
+            torch.manual_seed(seed)
+            model = cls.from_config(config, **overrides)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
         return model.eval()
 
     # ---- runtime ------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 For every input item ``x`` (or given measurement ``y``) it draws ``S`` posterior samples with
 :class:`~dps_fast.DPS` and writes, under ``OUT/items/NAME/``: ``measurement.png``,
 ``sample_000.png`` ..., ``mean.png``, ``std.png``, ``tensors.pt`` (the float tensors) and, last,
-``done.json`` (the item's metrics). ``OUT/metrics.csv`` and ``OUT/manifest.json`` are merged from
-the done markers at the end.
+``done.json`` (the item's metrics). Each finished item's rows are appended to ``OUT/metrics.csv``
+at once; at the end ``OUT/metrics.csv`` is rewritten, sorted, from the done markers (as
+``--merge-only`` does) and ``OUT/manifest.json`` gets the run's status. The ``seconds`` column is
+the item's share of the wall time of the sampler calls it was part of (a batched call's time
+split evenly over the samples it ran), not a per-image latency.
 
 Reproducibility and resumption:
 
@@ -18,7 +21,10 @@ Reproducibility and resumption:
   agreed by all ranks and reused from the manifest when a run is resumed).
 * **Atomic outputs.** Every file is written to a temporary name and ``os.replace``'d; the done
   marker is written last, so an interrupted run loses at most the chunk in flight, and a re-run
-  of the same command skips finished items. A run with other result-affecting settings in the
+  of the same command skips finished items. A run stopped by Ctrl-C (or an error) marks its
+  manifest "interrupted" ("failed", "diverged"); one that was killed still says "running", and
+  :func:`run_status` (``--merge-only``, a resumed run) shows it as "interrupted" once its
+  process is gone. A run with other result-affecting settings in the
   same folder is refused (the settings' fingerprint is in the manifest and every marker).
 * **Sharding.** Under torchrun, the items still pending are split by position
   (``pending[rank::world_size]``) after every rank listed them; each rank writes its items'
@@ -33,9 +39,11 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import datetime
 import hashlib
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -59,14 +67,16 @@ from ..sampler import DPS
 from ..schedule import NoiseSchedule
 from . import distributed
 from .batching import auto_rows, pick_checkpointing, stream_chunks, time_step
-from .data import (DONE, MANIFEST, METRICS, TENSORS, DataSource, InputError, item_dir, open_dataset,
-                   open_measurements, read_json, remove_stale_tmp, save_png, save_tensors, write_json)
+from .data import (DONE, IMAGE_EXTENSIONS, MANIFEST, METRICS, TENSORS, DataSource, InputError, item_dir,
+                   open_dataset, open_measurements, read_json, remove_stale_tmp, save_png, save_tensors,
+                   write_json)
 from .metrics import psnr, ssim
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["reconstruct", "ReconstructSummary", "model_geometry", "probe_step", "item_key", "item_seeds",
-           "simulate_measurement", "apply_operator", "noise_model", "environment", "STD_PNG_GAIN", "MANIFEST_FORMAT"]
+           "simulate_measurement", "apply_operator", "noise_model", "environment", "run_status", "STD_PNG_GAIN",
+           "MANIFEST_FORMAT"]
 
 #: ``std.png`` shows ``clamp(STD_PNG_GAIN * std, 0, 1)`` (std in the model's [-1, 1] units): white
 #: is a standard deviation of 1/8 of the intensity range or more.
@@ -236,6 +246,57 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _process_start(pid: int) -> Optional[int]:
+    """Start time of process ``pid`` in clock ticks since boot (Linux /proc), to tell a live run
+    from a reused pid; None where /proc is unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _this_process() -> dict[str, Any]:
+    return {"hostname": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def run_status(manifest: dict[str, Any]) -> str:
+    """The run's status from its manifest, with a "running" run whose process is gone (killed:
+    nothing could update the file) shown as "interrupted". A run on another host keeps
+    "running" (it cannot be checked from here)."""
+    status = str(manifest.get("status", "unknown"))
+    proc = manifest.get("process")
+    if status != "running" or not isinstance(proc, dict) or proc.get("hostname") != socket.gethostname():
+        return status
+    pid = proc.get("pid")
+    if not isinstance(pid, int):
+        return status
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "interrupted"
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    start = _process_start(pid)
+    if proc.get("start") is not None and start is not None and start != proc.get("start"):
+        return "interrupted"  # the pid was reused
+    return status
+
+
+def _append_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Append one finished item's rows to OUT/metrics.csv in one O_APPEND write (ranks of a
+    torchrun job append concurrently; the merge at the end rewrites the file sorted)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for row in rows:
+        writer.writerow([distributed._cell(row.get(c)) for c in distributed.METRIC_COLUMNS])
+    fd = os.open(out / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, buf.getvalue().encode())
+    finally:
+        os.close(fd)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -413,9 +474,13 @@ def reconstruct(
     poisson = noise_model(noise, rate)
     if inputs is None and measurements is None:
         raise ValueError("inputs: expected clean inputs, measurements, or both; got neither")
+    if not (isinstance(sigma_n, (int, float)) and np.isfinite(sigma_n) and sigma_n >= 0):
+        raise ValueError(f"sigma_n: expected a finite standard deviation >= 0, got {sigma_n!r}")
     t_start = time.perf_counter()
     started = _now()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: {str(out)!r} is a file; expected a folder (created if missing)")
 
     # Everything that can fail on bad settings happens before the process group and any output.
     channels, size = model_geometry(model, image_size)
@@ -423,6 +488,11 @@ def reconstruct(
     given = open_measurements(measurements, channels) if measurements is not None else None
     names = dataset.names if dataset is not None else given.names
     paths = dataset.paths if dataset is not None else [None] * len(names)
+    if not names:
+        src = inputs if dataset is not None else measurements
+        where = repr(str(src)) if isinstance(src, (str, os.PathLike)) else "the given data"
+        logger.warning("no inputs found in %s (images: %s at the folder's top level; or a tensor file); "
+                       "nothing to do", where, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS))
     if channels is not None and size is not None:
         x_shape = (1, channels, size, size)
         y_shape = tuple(apply_operator(operator, torch.zeros(x_shape)).shape[1:])
@@ -451,6 +521,7 @@ def reconstruct(
 
     ctx = distributed.init(device)
     bar = None
+    manifest_written = False
     try:
         dev = ctx.device
         if isinstance(model, nn.Module):
@@ -466,8 +537,13 @@ def reconstruct(
         manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT, "status": "running", "fingerprint": fingerprint, "settings": settings,
             "options": options or {}, "environment": env, "world_size": ctx.world_size,
-            "started": started, "inputs": {"total": len(names)},
+            "started": started, "inputs": {"total": len(names)}, "process": _this_process(),
         }
+        if previous is not None:
+            manifest["resumed_from"] = run_status(previous)
+            if manifest["resumed_from"] == "interrupted":
+                logger.info("resuming an interrupted run in %s (%d of %d inputs done)", out, len(done_before),
+                            len(names))
         if previous is not None and isinstance(previous.get("batch"), dict):
             manifest["batch"] = previous["batch"]
         mine = pending[ctx.rank::ctx.world_size]
@@ -510,6 +586,9 @@ def reconstruct(
         if ctx.is_main:  # written before any item, so an interrupted run leaves its settings (and chunk size)
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / MANIFEST, manifest)
+            manifest_written = True
+            distributed.merge(out, fingerprint)  # metrics.csv of earlier runs' items; grows as items finish
+        distributed.barrier(ctx)  # every rank appends to that file only after it exists
 
         # ---- stream the shard -----------------------------------------------------------
         skipped: list[dict[str, Any]] = []
@@ -534,7 +613,7 @@ def reconstruct(
                     if want is not None and tuple(y.shape) != want:
                         raise InputError(f"{name}: measurement of shape {tuple(y.shape)}, expected {want} "
                                          f"for {operator!r}")
-                except InputError as exc:
+                except InputError as exc:  # logged once here; the CLI only counts them
                     logger.warning("skipping %s", exc)
                     skipped.append({"name": name, "path": paths[i], "reason": str(exc)})
                     if bar is not None:
@@ -567,7 +646,8 @@ def reconstruct(
                 item.parts.append((job.start, smp, rn))
                 item.seconds += dt * job.count / real
                 if job.stop == samples:
-                    _write_item(out, item, operator, fingerprint, ctx.rank, poisson)
+                    marker = _write_item(out, item, operator, fingerprint, ctx.rank, poisson)
+                    _append_metrics(out, marker["metrics"])
                     item.parts.clear()
                     finished += 1
                     bar.update(1)
@@ -601,10 +681,23 @@ def reconstruct(
             write_json(out / MANIFEST, manifest)
         else:
             status = "shard-done"  # rank 0 has the run's status
+        manifest_written = False  # final
         return ReconstructSummary(
             rank=ctx.rank, out_dir=out, total=len(names), done=len(done_names) if ctx.is_main else finished + len(done_before),
             finished_now=sum(r["finished"] for r in ranks), already_done=len(done_before), skipped=skipped_all,
             missing=missing, rows=rows_now, seconds=time.perf_counter() - t_start, status=status, manifest=manifest)
+    except BaseException as exc:
+        if manifest_written:  # rank 0 only: say why the run stopped (a SIGKILL cannot; see run_status)
+            from ..divergence import NonFiniteError
+
+            stopped = ("interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit))
+                       else "diverged" if isinstance(exc, NonFiniteError) else "failed")
+            manifest.update(status=stopped, stopped=_now(), error=f"{type(exc).__name__}: {exc}"[:500])
+            try:
+                write_json(out / MANIFEST, manifest)
+            except OSError:
+                logger.warning("could not record the status %r in %s", stopped, out / MANIFEST)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dps_fast import DPS, NoiseSchedule, operators
 from dps_fast.operators import BOUNDARIES, Blur, GaussianBlur
 from dps_fast.operators.blur import fft_size
-from tests.nets import TinyEps
+from tests.nets import TinyEps, UntrainedDPS
 
 F64 = torch.float64
 
@@ -156,7 +156,7 @@ def test_torch_backend_equals_autograd_reference(boundary):
     A, net, y = _step_problem(boundary)
     sched = NoiseSchedule.linear(1000).respace(5)
     opts = dict(zeta=0.5, sigma_n=0.1, compile=False, clip_x0=(-1.0, 1.0), guidance=["squared", "normalized"])
-    res = {be: DPS(net, sched, A, backend=be, **opts).sample(y, num_samples=2, seed=3, record="all")
+    res = {be: UntrainedDPS(net, sched, A, backend=be, **opts).sample(y, num_samples=2, seed=3, record="all")
            for be in ("reference", "torch")}
     for i in range(5):
         a, b = res["torch"].trajectory[i], res["reference"].trajectory[i]
@@ -171,7 +171,7 @@ def test_triton_backend_equals_torch_backend_on_a_reflect_blur_step():
     net, y = net.to(dev), y.to(dev)
     sched = NoiseSchedule.linear(1000).respace(3)
     opts = dict(zeta=0.5, sigma_n=0.1, compile=False, guidance="normalized", clip_x0=(-1.0, 1.0))
-    runs = {be: DPS(net, sched, A, backend=be, **opts).sample(y, num_samples=2, seed=11, record="all")
+    runs = {be: UntrainedDPS(net, sched, A, backend=be, **opts).sample(y, num_samples=2, seed=11, record="all")
             for be in ("torch", "triton")}
     for i in range(3):
         a, b = runs["triton"].trajectory[i], runs["torch"].trajectory[i]
@@ -189,5 +189,5 @@ def test_triton_spectral_stage_is_called_for_a_reflect_blur(monkeypatch):
     A, net, y = _step_problem("reflect")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sched = NoiseSchedule.linear(1000).respace(2)
-    DPS(net.to(dev), sched, A, backend="triton", compile=False).sample(y.to(dev), seed=0)
+    UntrainedDPS(net.to(dev), sched, A, backend="triton", compile=False).sample(y.to(dev), seed=0)
     assert len(calls) == 2  # one guided step and the final x0hat step

@@ -13,7 +13,7 @@ from dps_fast.backends import get_backend
 from dps_fast.operators import Differentiable, LinearOperator, PhaseRetrieval
 from dps_fast.operators.base import Operator
 from dps_fast.schedule import Coef
-from tests.nets import TinyEps
+from tests.nets import TinyEps, UntrainedDPS
 
 F64 = torch.float64
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,7 +176,7 @@ def test_step_with_differentiable_equals_autograd_through_the_whole_step(backend
         y = y.clamp(-1, 1)
     sched = NoiseSchedule.linear(1000).respace(4)
     opts = dict(zeta=0.05, sigma_n=0.1, compile=False) | kw
-    runs = {be: DPS(net, sched, A, backend=be, **opts).sample(y, num_samples=2, seed=7, record="all")
+    runs = {be: UntrainedDPS(net, sched, A, backend=be, **opts).sample(y, num_samples=2, seed=7, record="all")
             for be in ("reference", backend)}
     for i in range(4):
         a, b = runs[backend].trajectory[i], runs["reference"].trajectory[i]

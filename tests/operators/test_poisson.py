@@ -9,7 +9,7 @@ import torch
 
 from dps_fast import DPS, NoiseSchedule, operators, priors
 from dps_fast.operators import PoissonNoise
-from tests.nets import TinyEps
+from tests.nets import TinyEps, UntrainedDPS
 
 F64 = torch.float64
 
@@ -108,14 +108,14 @@ def test_fused_and_fallback_paths_equal_the_reference(op, backend):
     net = TinyEps(2, 8).double()
     sched = NoiseSchedule.linear(1000).respace(4)
     opts = dict(zeta=0.05, compile=False, noise=noise_model, clip_x0=(-1.0, 1.0), guidance=["squared", "normalized"])
-    runs = {be: DPS(net, sched, A, backend=be, **opts).sample(y, num_samples=2, seed=4, record="all")
+    runs = {be: UntrainedDPS(net, sched, A, backend=be, **opts).sample(y, num_samples=2, seed=4, record="all")
             for be in ("reference", backend)}
     for i in range(4):
         a, b = runs[backend].trajectory[i], runs["reference"].trajectory[i]
         assert float((a - b).norm() / b.norm()) < 1e-9, f"step {i}"
     torch.testing.assert_close(runs[backend].residual_norm, runs["reference"].residual_norm, rtol=1e-9, atol=1e-12)
     # and Poisson guidance is not Gaussian guidance: the samples differ
-    gauss = DPS(net, sched, A, backend=backend, **(opts | dict(noise="gaussian", sigma_n=0.1))).sample(
+    gauss = UntrainedDPS(net, sched, A, backend=backend, **(opts | dict(noise="gaussian", sigma_n=0.1))).sample(
         y, num_samples=2, seed=4)
     assert float((gauss.samples - runs[backend].samples).norm()) > 1e-6
 
