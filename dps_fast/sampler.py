@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .backends import Backend, StepProblem, get_backend
-from .models.wrapper import ScoreNetwork
+from .models.wrapper import ScoreNetwork, default_channels_last
 from .noise import STREAM_INIT, philox_normal, seeds_from
 from .operators.base import LinearOperator
 from .schedule import NoiseSchedule
@@ -96,6 +96,10 @@ class DPS:
         compile: ``torch.compile`` the network (default: on for CUDA ``nn.Module`` models); a dict
             turns it on with those ``torch.compile`` keyword arguments (e.g. ``{"mode": "max-autotune"}``).
         autocast: run the network in ``torch.bfloat16``/``torch.float16``; the state stays float32.
+        channels_last: run a 4-D network in channels_last memory format. None (auto): on for
+            ``nn.Module`` models on CUDA with ``autocast`` bfloat16/float16, chosen because cuDNN's
+            tensor-core convolutions run NHWC natively (the GPU suite measures both layouts; not
+            yet measured here); off on the CPU and without autocast.
         check_every: read the non-finite flag every this many steps (a host sync); default: every
             step on CPU, only at the end on CUDA (the flag records the first bad step either way).
         cuda_graph: capture one guided step as a CUDA graph and replay it for every step (CUDA,
@@ -121,7 +125,7 @@ class DPS:
         sigma_n: float = 0.05, guidance: Union[str, Sequence[str]] = "squared",
         clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
         backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
-        channels_last: bool = False, check_every: Optional[int] = None, cuda_graph: bool = False,
+        channels_last: Optional[bool] = None, check_every: Optional[int] = None, cuda_graph: bool = False,
         checkpointing: Optional[bool] = None,
     ) -> None:
         if not callable(model):
@@ -189,7 +193,8 @@ class DPS:
             if comp is None:
                 comp = device.type == "cuda" and isinstance(self.model, nn.Module)
             self._net = ScoreNetwork(self.model, compile=bool(comp), autocast=self.autocast,
-                                     channels_last=self.channels_last,
+                                     channels_last=default_channels_last(self.channels_last, self.autocast,
+                                                                         device, self.model),
                                      compile_options=comp if isinstance(comp, dict) else None)
         return self._net
 
