@@ -52,10 +52,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["ScoreNetwork", "frozen_weights", "run_uncompiled", "default_channels_last"]
 
 _UNCOMPILED: contextvars.ContextVar[bool] = contextvars.ContextVar("dps_fast_uncompiled", default=False)
-# maybe_mark_dynamic (torch >= 2.3) does not raise when a model specialises the batch anyway
-# (mark_dynamic would raise a ConstraintViolationError for such models).
-_mark_dynamic: Callable[[torch.Tensor, int], None] = getattr(
-    torch._dynamo, "maybe_mark_dynamic", torch._dynamo.mark_dynamic)
+
+
+def _mark_dynamic(t: torch.Tensor, dim: int) -> None:
+    # maybe_mark_dynamic (torch >= 2.3) does not raise when a model specialises the batch anyway
+    # (mark_dynamic would raise a ConstraintViolationError). Imported here: torch._dynamo takes
+    # ~2.5 s to import, which `import dps_fast` must not pay.
+    import torch._dynamo
+
+    getattr(torch._dynamo, "maybe_mark_dynamic", torch._dynamo.mark_dynamic)(t, dim)
 
 
 @contextlib.contextmanager
