@@ -48,6 +48,8 @@ def _fmt(v: Any) -> str:
         return "nan" if math.isnan(v) else f"{v:.3g}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
     return str(v)
 
 
@@ -102,8 +104,9 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if orig:
         o_ips, o_name, o_info = max(orig, key=lambda o: o[0])
         out.update(best_original=o_name, best_original_batch=o_info.get("batch"),
-                   best_original_images_per_s=o_ips, speedup_vs_original_best=ips / o_ips,
-                   target_speedup=TARGET_SPEEDUP, meets_target=ips / o_ips >= TARGET_SPEEDUP)
+                   best_original_images_per_s=o_ips, speedup_vs_original_best=ips / o_ips)
+        if info.get("device", "cpu") != "cpu":  # the target is the GPU issue's (bf16 against float32)
+            out.update(target_speedup=TARGET_SPEEDUP, meets_target=ips / o_ips >= TARGET_SPEEDUP)
         mb = [i.get("max_batch_original") for _, _, i in orig if i.get("max_batch_original")]
         if mb:
             out["max_batch_original"] = mb[0]
@@ -184,10 +187,11 @@ def build(results: Path, commit: str) -> dict[str, Any]:
             lines.append("- network floor (forward + input VJP), images/s: " + ", ".join(
                 f"{k}: {v:.4g}" for k, v in head["floor_images_per_s"].items()))
         if "speedup_vs_original_best" in head:
+            target = (f"target >= {TARGET_SPEEDUP:g}x: {'met' if head['meets_target'] else 'NOT met'}"
+                      if "meets_target" in head else f"the {TARGET_SPEEDUP:g}x target is a GPU figure")
             lines.append(f"- original DPS code, best: {head['best_original']}: "
                          f"{head['best_original_images_per_s']:.4g} images/s -> ours/original = "
-                         f"{head['speedup_vs_original_best']:.3g}x (target >= {TARGET_SPEEDUP:g}x: "
-                         f"{'met' if head['meets_target'] else 'NOT met'})")
+                         f"{head['speedup_vs_original_best']:.3g}x ({target})")
         else:
             lines.append("- original DPS code: not measured in this run")
     else:

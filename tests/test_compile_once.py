@@ -5,6 +5,7 @@ reuse the first trace. Counted with a ``torch.compile`` backend that records eac
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dps_fast import DPS, NoiseSchedule, operators
@@ -13,6 +14,16 @@ from dps_fast.reconstruct import reconstruct
 from dps_fast.reconstruct.runner import probe_step
 from tests.models.test_wrapper import CountingBackend
 from tests.nets import TinyEps
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The 2-thread OpenMP pool spins when the 2-core CI machine is shared: this test took 45 s
+    # instead of ~10 s in a loaded full-suite run. One thread measures nothing here; it only counts.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _tiny32() -> ADMUNet:

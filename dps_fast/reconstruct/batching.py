@@ -34,7 +34,8 @@ __all__ = ["Job", "is_oom", "OOM_MARKERS", "stream_chunks", "auto_rows", "pick_c
            "MAX_ROWS"]
 
 #: Rows per call on CPU when the batch size is "auto": 8 rows gave 2.1x the images/s of 1 row
-#: (tiny32, 2 steps, 2 cores; bench/test_reconstruct_throughput.py), 4 rows 1.9x.
+#: (tiny32, 2 steps, 2 threads; bench/test_reconstruct_throughput.py), 4 rows 1.9x; with 1 thread on
+#: a loaded machine 1.39x and 1.27x (bench/results/cpu-20261129-6bd8e0e): 8 is the best either way.
 CPU_ROWS = 8
 #: Upper bound of an automatically chosen chunk (beyond it the GPU is saturated for any ADM size).
 MAX_ROWS = 1024
