@@ -130,7 +130,7 @@ def _time_ours(benchmark, variant: str, batch: int) -> dict[str, Any]:
         fns = {"ours": step, "floor": fl}
         if not CUDA:  # on the CPU the original code path is cheap enough to interleave with every case
             fns["original"] = original(model, A, y)
-        times = interleaved_times(fns, reps=REPS, warmup=2, device=DEV)
+        times = interleaved_times(fns, reps=REPS, warmup=1 if QUICK else 2, device=DEV)
         mem = {"ours": peak_bytes(step, DEV), "floor": peak_bytes(fl, DEV)}
         med = {k: statistics.median(t) for k, t in times.items()}
         over = paired_ratio(times["ours"], times["floor"])
@@ -146,7 +146,7 @@ def _time_ours(benchmark, variant: str, batch: int) -> dict[str, Any]:
             info["speedup_vs_original"] = med["original"] / med["ours"]
         _rates(info, med["ours"], batch)
         benchmark.extra_info.update(info)
-        benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
+        benchmark.pedantic(step, rounds=1 if QUICK else 3, iterations=1, warmup_rounds=0)
     return info
 
 
