@@ -151,6 +151,8 @@ class DPS:
             if len(clip_x0) != 2 or not float(clip_x0[0]) < float(clip_x0[1]):
                 raise ValueError(f"clip_x0: expected None or (lo, hi) with lo < hi, got {clip_x0!r}")
             clip_x0 = (float(clip_x0[0]), float(clip_x0[1]))
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last: expected None (auto) or a bool, got {channels_last!r}")
         if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
             raise ValueError(f"check_every: expected a positive int or None, got {check_every!r}")
         self.model = model

@@ -117,6 +117,11 @@ def test_channels_last_default(device, autocast, explicit):
     assert default_channels_last(None, autocast, torch.device(device), lambda x, t: x) is False
 
 
+def test_channels_last_must_be_none_or_bool():
+    with pytest.raises(TypeError, match="channels_last: expected None .* got 'yes'"):
+        DPS(TinyEps(3, 8), NoiseSchedule.linear(1000).respace(2), operators.GaussianBlur(1.0, 5), channels_last="yes")
+
+
 def test_dps_channels_last_auto_keeps_cpu_models_nchw():
     """On the CPU the auto default changes nothing, with or without autocast."""
     A = operators.GaussianBlur(1.0, 5)
