@@ -52,6 +52,12 @@ def gpu_info(device: torch.device | int | None = None) -> dict[str, Any]:
     else:
         info["device"] = "cpu"
         info["cpu_threads"] = torch.get_num_threads()
+        try:  # a shared CPU's load is context for every CPU figure (ratios are interleaved, times are not)
+            import os
+
+            info["load_avg_1min"] = round(os.getloadavg()[0], 2)
+        except (AttributeError, OSError):
+            pass
     return info
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .backends import Backend, StepProblem, check_backend, get_backend
 from .divergence import RUNAWAY_FACTOR, DivergenceGuard, NonFiniteError
-from .models.wrapper import ScoreNetwork
+from .models.wrapper import ScoreNetwork, default_channels_last
 from .noise import STREAM_INIT, philox_normal, seeds_from
 from .operators.base import Operator
 from .operators.poisson import NOISE_MODELS, PoissonNoise
@@ -105,6 +105,10 @@ class DPS:
         compile: ``torch.compile`` the network (default: on for CUDA ``nn.Module`` models); a dict
             turns it on with those ``torch.compile`` keyword arguments (e.g. ``{"mode": "max-autotune"}``).
         autocast: run the network in ``torch.bfloat16``/``torch.float16``; the state stays float32.
+        channels_last: run a 4-D network in channels_last memory format. None (auto): on for
+            ``nn.Module`` models on CUDA with ``autocast`` bfloat16/float16, chosen because cuDNN's
+            tensor-core convolutions run NHWC natively (the GPU suite measures both layouts; not
+            yet measured here); off on the CPU and without autocast.
         check_every: read the non-finite flag every this many steps (a host sync); default: every
             step on CPU, only at the end on CUDA (the flag records the first bad step either way).
         cuda_graph: capture one guided step as a CUDA graph and replay it for every step (CUDA,
@@ -142,7 +146,7 @@ class DPS:
         sigma_n: float = 0.05, guidance: Union[str, Sequence[str]] = "squared",
         clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
         backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
-        channels_last: bool = False, check_every: Optional[int] = None, cuda_graph: bool = False,
+        channels_last: Optional[bool] = None, check_every: Optional[int] = None, cuda_graph: bool = False,
         checkpointing: Optional[bool] = None, noise: Union[str, PoissonNoise] = "gaussian",
     ) -> None:
         if not callable(model):
@@ -175,6 +179,8 @@ class DPS:
             if len(clip_x0) != 2 or not float(clip_x0[0]) < float(clip_x0[1]):
                 raise ValueError(f"clip_x0: expected None or (lo, hi) with lo < hi, got {clip_x0!r}")
             clip_x0 = (float(clip_x0[0]), float(clip_x0[1]))
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last: expected None (auto) or a bool, got {channels_last!r}")
         if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
             raise ValueError(f"check_every: expected a positive int or None, got {check_every!r}")
         check_backend(backend, _model_device(model))  # fail here, not at the first step of a run
@@ -219,7 +225,8 @@ class DPS:
             if comp is None:
                 comp = device.type == "cuda" and isinstance(self.model, nn.Module)
             self._net = ScoreNetwork(self.model, compile=bool(comp), autocast=self.autocast,
-                                     channels_last=self.channels_last,
+                                     channels_last=default_channels_last(self.channels_last, self.autocast,
+                                                                         device, self.model),
                                      compile_options=comp if isinstance(comp, dict) else None)
         return self._net
 

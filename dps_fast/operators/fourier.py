@@ -28,11 +28,20 @@ class SubsampledFourier(LinearOperator):
             raise ValueError(f"mask: expected [L] or [H, W], got shape {tuple(mask.shape)}")
         self.mask = mask.detach().to(torch.float64)
         self.real = real
+        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _m(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask on ``x``'s device in its real dtype, copied there once and cached per
+        (device, dtype): a copy per call is a host-to-device transfer per step (a host sync, and
+        not capturable in a CUDA graph)."""
         if tuple(x.shape[2:]) != tuple(self.mask.shape):
             raise ValueError(f"x: expected signals of shape {tuple(self.mask.shape)}, got {tuple(x.shape[2:])}")
-        return self.mask.to(device=x.device, dtype=x.real.dtype)
+        key = (x.device, x.real.dtype)
+        m = self._cache.get(key)
+        if m is None:
+            m = self.mask.to(device=x.device, dtype=x.real.dtype)
+            self._cache[key] = m
+        return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nd = check_signal(x)

@@ -5,6 +5,7 @@ the GPU, stream work through it, and halve it when a chunk still runs out of mem
   ``peak(rows) = a + b * rows`` from ``torch.cuda.max_memory_allocated`` and returns the largest
   size that leaves ``margin`` of the free memory unused (CPU: a small fixed size).
 * :func:`stream_chunks` feeds items through a ``run(jobs)`` callable; on an out-of-memory error
+  (:func:`is_oom`: torch's own, or the cuDNN / cuBLAS / cuFFT allocation failures)
   it halves the size and retries the same jobs (below one image per call it splits an image's
   samples), so a job never aborts for memory while one row fits. ``fault`` lets tests inject a
   fake OOM on CPU.
@@ -29,11 +30,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Job", "is_oom", "stream_chunks", "auto_rows", "pick_checkpointing", "time_step", "CPU_ROWS",
+__all__ = ["Job", "is_oom", "OOM_MARKERS", "stream_chunks", "auto_rows", "pick_checkpointing", "time_step", "CPU_ROWS",
            "MAX_ROWS"]
 
 #: Rows per call on CPU when the batch size is "auto": 8 rows gave 2.1x the images/s of 1 row
-#: (tiny32, 2 steps, 2 cores; bench/test_reconstruct_throughput.py), 4 rows 1.9x.
+#: (tiny32, 2 steps, 2 threads; bench/test_reconstruct_throughput.py), 4 rows 1.9x; with 1 thread on
+#: a loaded machine 1.39x and 1.27x (bench/results/cpu-20261129-6bd8e0e): 8 is the best either way.
 CPU_ROWS = 8
 #: Upper bound of an automatically chosen chunk (beyond it the GPU is saturated for any ADM size).
 MAX_ROWS = 1024
@@ -52,11 +54,50 @@ class Job:
         return self.stop - self.start
 
 
+#: Texts of the errors that CUDA libraries raise (as RuntimeError, through torch's checks) instead
+#: of ``torch.cuda.OutOfMemoryError`` when an allocation fails near the memory limit. Each one is
+#: the status name or phrase as torch prints it; the comment gives a full message as users report it.
+OOM_MARKERS = (
+    # cuDNN: "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a
+    # non-contiguous input." -- the classic message of a convolution whose workspace did not fit
+    "CUDNN_STATUS_NOT_SUPPORTED",
+    "CUDNN_STATUS_ALLOC_FAILED",      # "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
+    "CUDNN_STATUS_INTERNAL_ERROR",    # "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR" (failed internal allocation)
+    # cuDNN v8/v9 frontend: "GET was unable to find an engine to execute this computation" (and
+    # "FIND was unable ..." with cudnn.benchmark): no engine's workspace fits the free memory
+    "unable to find an engine to execute this computation",
+    # cuBLAS: "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    # cublasCreate also reports a failed workspace allocation as NOT_INITIALIZED:
+    # "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`"
+    "CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate",
+    "CUFFT_ALLOC_FAILED",             # "cuFFT error: CUFFT_ALLOC_FAILED" (plan work area)
+    # "cuFFT error: CUFFT_INTERNAL_ERROR", raised by plan creation on low free memory (pytorch#119420)
+    "CUFFT_INTERNAL_ERROR",
+)
+
+
 def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is a device out-of-memory error (``torch.cuda.OutOfMemoryError`` or a
-    RuntimeError with "out of memory" from a path that does not raise the typed error)."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    """Whether ``exc`` is a device out-of-memory error: ``torch.cuda.OutOfMemoryError``, a
+    RuntimeError saying "out of memory" (paths that do not raise the typed error, e.g. "CUDA error:
+    out of memory"), or a cuDNN / cuBLAS / cuFFT error of :data:`OOM_MARKERS`, which those
+    libraries raise for allocations that fail near the memory limit.
+
+    Other errors, including other statuses of the same libraries (e.g. CUDNN_STATUS_EXECUTION_FAILED,
+    CUFFT_INVALID_PLAN) and non-RuntimeErrors with these texts, are not out-of-memory.
+
+    Example:
+        >>> is_oom(RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED"))
+        True
+        >>> is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+        False
+    """
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return "out of memory" in text.lower() or any(m in text for m in OOM_MARKERS)
 
 
 def _release_memory() -> None:

@@ -370,11 +370,19 @@ def _metric_rows(item: _Item, samples: torch.Tensor, rnorm: torch.Tensor, mean: 
 def probe_step(dps: DPS, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
                device: torch.device) -> Callable[[int], None]:
     """``f(rows)``: one guided step (forward + VJP + update) of ``dps`` on ``rows`` dummy rows,
-    the memory probe of :func:`~dps_fast.reconstruct.batching.auto_rows`."""
+    the memory probe of :func:`~dps_fast.reconstruct.batching.auto_rows`.
+
+    The probe runs the network uncompiled (:func:`~dps_fast.models.wrapper.run_uncompiled`): probes
+    at several sizes and with checkpointing on and off would otherwise trace a compiled network
+    several times; the run itself then compiles once. Eager activations are at least as large as
+    compiled ones, so the probed chunk errs on the small side."""
+    from ..models.wrapper import run_uncompiled
+
     def step(rows: int) -> None:
         y0 = torch.zeros((rows,) + tuple(y_shape), device=device)
         x0 = torch.randn((rows,) + tuple(x_shape[1:]), device=device)
-        dps.step(x0, dps.schedule.num_steps - 1, y0, torch.zeros_like(x0))
+        with run_uncompiled():
+            dps.step(x0, dps.schedule.num_steps - 1, y0, torch.zeros_like(x0))
 
     return step
 
