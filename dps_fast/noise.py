@@ -6,7 +6,8 @@ rounding of ``log``/``cos``) and a sample never depends on its position in a bat
 
 * key    = the sample's 64-bit seed, split into two 32-bit words ``(lo, hi)``;
 * counter = ``(element index within the sample, step i, stream, 0)``, stream 0 for the noise of
-  step ``i`` and stream 1 for the initial state ``x_T``;
+  step ``i``, stream 1 for the initial state ``x_T`` and stream 2 for the noise of a noised
+  measurement (MCG's ``y_{t-1}``, :mod:`dps_fast.methods.mcg`);
 * ``z = sqrt(-2 ln u1) cos(2 pi u2)`` with ``u1 = ((r0 >> 8) + 1) / 2^24`` in (0, 1] and
   ``u2 = (r1 >> 8) / 2^24`` in [0, 1): both exact in float32 and float64.
 
@@ -21,10 +22,11 @@ import math
 
 import torch
 
-__all__ = ["philox4x32", "philox_normal", "seeds_from", "STREAM_STEP", "STREAM_INIT"]
+__all__ = ["philox4x32", "philox_normal", "seeds_from", "STREAM_STEP", "STREAM_INIT", "STREAM_MEASUREMENT"]
 
 STREAM_STEP = 0
 STREAM_INIT = 1
+STREAM_MEASUREMENT = 2
 
 _M32 = 0xFFFFFFFF
 PHILOX_A = 0xD2511F53
