@@ -1,4 +1,4 @@
-"""The ``dps-fast`` command: ``demo`` (the main job, on an embedded problem) and ``reconstruct``.
+"""The ``dps-fast`` command: ``demo`` (the main job, on an embedded problem), ``reconstruct`` and ``fidelity``.
 
 Run ``dps-fast demo`` with no arguments for the 1-D deblurring demo (one PNG), or
 ``torchrun --nproc-per-node N -m dps_fast.cli reconstruct ...`` for datasets.
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .reconstruct.cli import add_parser, run
 
     add_parser(sub).set_defaults(func=run)
+    from .fidelity_cli import add_parser as add_fidelity_parser
+
+    add_fidelity_parser(sub)
     return parser
 
 

@@ -151,3 +151,27 @@ def test_fused_triton_update_gives_the_torch_chain():
         y, num_samples=2, seed=3, record="all") for be in ("torch", "triton")}
     for i in range(4):
         assert rel_err(out["triton"].trajectory[i], out["torch"].trajectory[i]) < 1e-10, i
+
+
+def test_learned_range_variance_uses_the_networks_variance_channels():
+    """A 2C-channel model: the noise std is exp(0.5 (f log beta + (1 - f) log beta~)), f = (v + 1)/2."""
+    from dps_fast.methods import DDRM, MCG
+    from tests.methods._dense import NearScoreEps
+    from tests.nets import TinyEps
+
+    net = NearScoreEps(TinyEps(2, 6, learn_sigma=True), NoiseSchedule.linear(1000).alphas_cumprod).double()
+    A = operators.Inpainting.random((5, 4), 0.5, seed=2)
+    g = torch.Generator().manual_seed(0)
+    y = A(torch.randn(1, 2, 5, 4, generator=g, dtype=F64))
+    x_t, z = torch.randn(2, 1, 2, 5, 4, generator=g, dtype=F64)
+    sched = NoiseSchedule.linear(1000).respace(10)
+    i = 5
+    pig = PiGDM(net, sched, A, sigma_n=0.1, backend="torch")
+    x_next, _ = pig.step(x_t, i, y, z)
+    zero, _ = pig.step(x_t, i, y, torch.zeros_like(z))
+    v = net(x_t, sched.timesteps[i].expand(1))[:, 2:]
+    f = (v + 1) / 2
+    std = torch.exp(0.5 * (f * sched.coef(i, Coef.LOG_BETA) + (1 - f) * sched.coef(i, Coef.LOG_VAR_SMALL)))
+    assert rel_err(x_next - zero, std * z) < 1e-12
+    for m in (pig, MCG(net, sched, A, zeta=0.01, sigma_n=0.1), DDRM(net, sched, A, sigma_n=0.1)):
+        assert torch.isfinite(m.sample(y, num_samples=2, seed=0).samples).all()
