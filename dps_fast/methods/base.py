@@ -16,8 +16,9 @@ import torch
 
 from ..backends import Backend, FusedBackend, StepOutput, StepProblem, torch_ops
 from ..chain import DPSResult, run_chain
-from ..operators.base import residual_norm2
+from ..operators.base import LinearOperator, residual_norm2
 from ..sampler import DPS
+from ..schedule import NoiseSchedule
 
 __all__ = ["ChainMethod", "ops_of", "check_float", "residual"]
 
@@ -60,11 +61,11 @@ class ChainMethod:
         return self._engine.model
 
     @property
-    def schedule(self):  # noqa: ANN201 - NoiseSchedule
+    def schedule(self) -> NoiseSchedule:
         return self._engine.schedule
 
     @property
-    def operator(self):  # noqa: ANN201 - LinearOperator
+    def operator(self) -> LinearOperator:
         return self._engine.operator
 
     @property
