@@ -9,9 +9,11 @@ from . import operators, priors
 from .noise import philox_normal
 from .reconstruct import reconstruct
 from .sampler import DPS, DPSResult, NonFiniteError
+from . import methods
+from .methods import DDRM, MCG, PiGDM
 from .schedule import Coef, NoiseSchedule
 
 __all__ = [
     "DPS", "DPSResult", "NonFiniteError", "NoiseSchedule", "Coef", "operators", "priors", "philox_normal",
-    "reconstruct",
+    "reconstruct", "methods", "MCG", "PiGDM", "DDRM",
 ]

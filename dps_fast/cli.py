@@ -37,7 +37,7 @@ USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, explore
+    from . import demo, explore, fidelity_cli
     from .reconstruct import cli as reconstruct_cli
 
     parser = argparse.ArgumentParser(prog="dps-fast", description=DESCRIPTION, epilog=EXIT_CODES,
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     explore.add_parser(sub)
     reconstruct_cli.add_parser(sub)
+    fidelity_cli.add_parser(sub)
     return parser
 
 

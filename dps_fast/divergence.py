@@ -111,14 +111,18 @@ class DivergenceGuard:
         self.bad_kind.masked_fill_(first & nonfinite, _NONFINITE)
         self.bad_step.masked_fill_(first, i)
 
-    def check(self, zeta: Any = None) -> None:
-        """Raise :class:`NonFiniteError` if a step was flagged (reads the flag: a host sync)."""
+    def check(self, zeta: Any = None, hint: Optional[str] = None) -> None:
+        """Raise :class:`NonFiniteError` if a step was flagged (reads the flag: a host sync).
+
+        The message ends with ``hint`` (what to change), by default "try a smaller zeta (now ...)".
+        """
         i = int(self.bad_step)
         if i < 0:
             return
         t = int(self.schedule.timesteps[i])
-        hint = (f"the guidance step is too large for this problem; try a smaller zeta"
-                + (f" (now {zeta!r})" if zeta is not None else ""))
+        if hint is None:
+            hint = ("the guidance step is too large for this problem; try a smaller zeta"
+                    + (f" (now {zeta!r})" if zeta is not None else ""))
         if int(self.bad_kind) == _NONFINITE:
             raise NonFiniteError(f"x_t became non-finite at step i={i} (network timestep t={t}): {hint}",
                                  step=i, timestep=t, kind="non-finite")

@@ -11,7 +11,9 @@ the sample with 64-bit seed ``s`` at step ``i`` on stream ``k`` is slot ``e % 4`
 
 * key     = ``(s mod 2^32, (s >> 32) mod 2^32)``, the seed's low and high 32-bit words;
 * counter = ``(e // 4, i mod 2^32, k, 0)``; stream ``k = 0`` (:data:`STREAM_STEP`) is the noise
-  of step ``i``, ``k = 1`` (:data:`STREAM_INIT`) the initial state ``x_T``;
+  of step ``i``, ``k = 1`` (:data:`STREAM_INIT`) the initial state ``x_T``, ``k = 2``
+  (:data:`STREAM_MEASUREMENT`) the noise of a noised measurement (MCG's ``y_{t-1}``,
+  :mod:`dps_fast.methods.mcg`);
 * the call returns the words ``(r0, r1, r2, r3)``; each pair is one Box-Muller draw,
   ``u1 = ((ra >> 8) + 1) / 2^24`` in (0, 1], ``u2 = (rb >> 8) / 2^24`` in [0, 1) (both exact in
   float32 and float64), ``rho = sqrt(-2 ln u1)``, ``theta = 2 pi u2``;
@@ -34,10 +36,11 @@ import math
 
 import torch
 
-__all__ = ["philox4x32", "philox_normal", "seeds_from", "STREAM_STEP", "STREAM_INIT"]
+__all__ = ["philox4x32", "philox_normal", "seeds_from", "STREAM_STEP", "STREAM_INIT", "STREAM_MEASUREMENT"]
 
 STREAM_STEP = 0
 STREAM_INIT = 1
+STREAM_MEASUREMENT = 2
 
 _M32 = 0xFFFFFFFF
 PHILOX_A = 0xD2511F53

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .backends import Backend, StepProblem, check_backend, get_backend
-from .divergence import RUNAWAY_FACTOR, DivergenceGuard, NonFiniteError
+from .backends import Backend, StepOutput, StepProblem, check_backend, get_backend
+from .chain import DPSResult, run_chain
+from .divergence import RUNAWAY_FACTOR, NonFiniteError
 from .models.wrapper import ScoreNetwork, default_channels_last
 from .noise import STREAM_INIT, philox_normal, seeds_from
 from .operators.base import Operator
@@ -38,32 +38,6 @@ __all__ = ["DPS", "DPSResult", "NonFiniteError"]
 
 GUIDANCE = ("squared", "normalized")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-
-
-@dataclass
-class DPSResult:
-    """What :meth:`DPS.sample` returns. ``B`` measurements, ``S`` posterior samples each.
-
-    Attributes:
-        samples: ``[B, S, *x]`` posterior samples ``x0hat(x_1)``.
-        mean, std: ``[B, *x]`` mean and standard deviation over the S samples (std 0 for S = 1).
-        trajectory: ``{i: [B, S, *x]}`` x0hat at the steps listed in ``record``.
-        nfe: network evaluations per sample chain (forward passes + VJPs).
-        residual_norm: ``[B, S]`` final ``||A x0hat - y||``.
-        seeds: ``[B, S]`` int64 seeds (pass them back as ``seeds=`` to reproduce a sample).
-        stopped_at: the step at which a callback stopped the run, else None.
-    """
-
-    samples: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    trajectory: dict[int, torch.Tensor]
-    nfe: int
-    residual_norm: torch.Tensor
-    seeds: torch.Tensor
-    stopped_at: Optional[int] = None
-    steps: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _as_row_param(value: Union[float, Sequence[float], torch.Tensor], name: str, batch: int) -> torch.Tensor:
@@ -142,7 +116,7 @@ class DPS:
 
     def __init__(
         self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
-        operator: LinearOperator, zeta: Union[float, Sequence[float], torch.Tensor] = 1.0,
+        operator: Operator, zeta: Union[float, Sequence[float], torch.Tensor] = 1.0,
         sigma_n: float = 0.05, guidance: Union[str, Sequence[str]] = "squared",
         clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
         backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
@@ -368,57 +342,24 @@ class DPS:
             callback: ``callback(i, x_t, x0hat)`` after each step; returning False stops the run
                 (the result then holds the last x0hat and ``stopped_at``).
         """
-        k = self.schedule.num_steps
-        rec = set(range(k)) if record == "all" else set(record or ())
-        bad_rec = [r for r in rec if not 0 <= r < k]
-        if bad_rec:
-            raise ValueError(f"record: expected step indices in [0, {k}), got {sorted(bad_rec)}")
-        p, x = self.prepare(y, num_samples, generator=generator, seed=seed, seeds=seeds)
-        b, dev = y.shape[0], y.device
-        seeds = p.seeds.view(b, num_samples).cpu()
-        x_shape = (b,) + tuple(x.shape[1:])
-        backend = self.backend(dev)
-        check_every = self.check_every or (1 if dev.type == "cpu" else None)
-        guard = DivergenceGuard(self.schedule, dev, self.runaway_factor)  # NaN/inf or runaway growth
-        trajectory: dict[int, torch.Tensor] = {}
-        nfe = 0
-        stopped_at = None
-        bshape = (b, num_samples) + tuple(x_shape[1:])
+        return run_chain(self, self._stepper, y, num_samples, generator=generator, seed=seed, seeds=seeds,
+                         record=record, progress=progress, callback=callback, desc="DPS",
+                         hint=f"the guidance step is too large for this problem; try a smaller zeta (now {self.zeta!r})")
 
-        from tqdm.auto import tqdm
+    def _stepper(self, backend: Backend, p: StepProblem, x: torch.Tensor) -> Callable[[int], StepOutput]:
+        """The chain's step ``i`` on ``x`` in place (a CUDA-graph replay when ``cuda_graph``)."""
+        graphed = None
+        if self.cuda_graph and self.schedule.num_steps > 1:
+            from .graphs import GraphedStep
 
-        bar = tqdm(total=k, desc="DPS", unit="step", disable=not progress, leave=False)
-        try:
-            with p.net.frozen():
-                graphed = None
-                if self.cuda_graph and k > 1:
-                    from .graphs import GraphedStep
+            graphed = GraphedStep(backend, p, x)
 
-                    graphed = GraphedStep(backend, p, x)
-                for i in range(k - 1, -1, -1):
-                    if graphed is not None and i > 0:
-                        out = graphed.replay(i)
-                    else:
-                        out = backend.step(p, x, i, final=(i == 0), in_place=True)
-                    nfe += out.nfe
-                    guard.observe(i, out)
-                    if i in rec:
-                        trajectory[i] = out.x0hat.detach().clone().view(bshape)
-                    if check_every is not None and (i % check_every == 0):
-                        guard.check(self.zeta)
-                    bar.update(1)
-                    if callback is not None and i > 0 and callback(i, x, out.x0hat) is False:
-                        stopped_at = i
-                        break
-        finally:
-            bar.close()
-        guard.check(self.zeta)
-        samples = out.x0hat.view(bshape)
-        return DPSResult(
-            samples=samples, mean=samples.mean(1),
-            std=samples.std(1, unbiased=False) if num_samples > 1 else torch.zeros_like(samples[:, 0]),
-            trajectory=trajectory, nfe=nfe, residual_norm=out.rnorm2.sqrt().view(b, num_samples),
-            seeds=seeds, stopped_at=stopped_at, steps=k)
+        def step(i: int) -> StepOutput:
+            if graphed is not None and i > 0:
+                return graphed.replay(i)
+            return backend.step(p, x, i, final=(i == 0), in_place=True)
+
+        return step
 
     def __repr__(self) -> str:
         return (f"DPS(operator={self.operator!r}, steps={self.schedule.num_steps}, zeta={self.zeta!r}, "
