@@ -268,13 +268,16 @@ def svd_view(operator: LinearOperator, method: str, allowed: Optional[tuple[type
     # operators a later version gives a non-circular boundary, a non-box kernel or a complex domain
     if ok and getattr(operator, "boundary", "circular") != "circular":
         ok = False
+    if ok and cls is SuperResolution and getattr(operator, "filter", "box") != "box":
+        ok = False  # the block DCT below is the SVD of box averaging only
     if ok and cls is SubsampledFourier and not operator.real:
         ok = False
     if ok and cls is Matrix and operator.A.is_complex():
         ok = False
     if not ok:
         names = ", ".join(sorted({k.__name__ + ("(real=True)" if k is SubsampledFourier else "")
-                                  + (" (circular)" if issubclass(k, Blur) else "") for k in kinds}))
+                                  + (" (circular)" if issubclass(k, Blur) else "")
+                                  + (" (box)" if k is SuperResolution else "") for k in kinds}))
         raise TypeError(f"operator: {method} supports {names}; got {operator!r}{reason}")
     return SUPPORTED[cls](operator, rcond)
 

@@ -45,6 +45,9 @@ class _Custom(operators.Identity):
     (_Custom(), r"operator: X supports .*Identity.*got Identity\(\)"),
     (operators.SubsampledFourier(torch.ones(4), real=False), r"operator: X supports .*SubsampledFourier\(real=True\)"),
     (operators.Matrix(torch.ones(2, 3, dtype=torch.complex128)), r"got Matrix\(\(2, 3\)\)"),
+    # the block DCT is the SVD of box averaging only; the other boundaries are not diagonal in Fourier
+    (operators.SuperResolution(2, filter="bicubic"), r"SuperResolution \(box\).*got SuperResolution"),
+    (operators.GaussianBlur(1.0, boundary="reflect"), r"Blur \(circular\).*got GaussianBlur"),
 ])
 def test_unsupported_operators_are_named(op, msg):
     with pytest.raises(TypeError, match=msg):
