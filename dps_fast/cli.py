@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .reconstruct.cli import add_parser, run
 
     add_parser(sub).set_defaults(func=run)
+    from .compat.dps2022.cli import add_parser as add_dps2022
+
+    add_dps2022(sub)
     return parser
 
 

@@ -288,25 +288,59 @@ class SpacedDiffusion:
         x, y = self._check_inputs(x_start, measurement)
         if record and save_root is None:
             raise ValueError("save_root: record=True saves progress images under save_root; got None")
-        b = x.shape[0]
-        if seeds is None:
-            seeds = seeds_from(None, b) if self.rng == "philox" else torch.zeros(b, dtype=torch.int64)
-        elif not (isinstance(seeds, torch.Tensor) and seeds.dtype == torch.int64 and seeds.shape == (b,)):
-            raise ValueError(f"seeds: expected an int64 tensor [{b}], got {getattr(seeds, 'dtype', type(seeds))} "
-                             f"{tuple(getattr(seeds, 'shape', ()))}")
-        net, net_desc, net_fast = self._network(model)
+        seeds = self._seeds(seeds, x.shape[0])
         cond = inspect_conditioning(measurement_cond_fn) if self.fast else Conditioning(None, fn=measurement_cond_fn,
                                                                                          reason="(fast=False)")
         fast_op, op_desc = None, ""
         if cond.method is not None:
             fast_op, op_desc = map_operator(cond.operator, cond.kwargs, x)
+        on_record = None
+        if record:
+            folder = os.path.join(os.fspath(save_root), "progress")
+
+            def on_record(i: int, state: torch.Tensor) -> None:
+                os.makedirs(folder, exist_ok=True)
+                for j in range(state.shape[0]):
+                    name = f"x_{str(i).zfill(4)}.png" if state.shape[0] == 1 else f"x_{str(i).zfill(4)}_{j}.png"
+                    save_like_plt(os.path.join(folder, name), state[j:j + 1])
+
+        return self.run(model, cond, fast_op, x, y, seeds, on_record=on_record, op_desc=op_desc)
+
+    def run(self, model: Any, cond: Conditioning, fast_op: Optional[LinearOperator], x_start: torch.Tensor,
+            measurement: torch.Tensor, seeds: torch.Tensor,
+            on_record: Optional[Callable[[int, torch.Tensor], None]] = None, op_desc: str = "",
+            steps: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The loop for an already recognised set-up (``p_sample_loop`` and ``dps-fast dps2022``).
+
+        Args:
+            model: the network (converted like in ``p_sample_loop``).
+            cond: the conditioning (:func:`~.recognize.inspect_conditioning` or built from a task config).
+            fast_op: the dps_fast operator with the same ``A`` (None: their ``forward`` via autograd).
+            x_start: ``[B, C, H, W]``; measurement: ``[B, *y]``; seeds: ``[B]`` int64 (Philox).
+            on_record: ``on_record(idx, x)`` after every step with ``idx % 10 == 0``.
+            steps: run only these step indices (descending; a memory probe runs one).
+
+        Returns:
+            ``[B, C, H, W]`` the last state (detached).
+        """
+        x, y = self._check_inputs(x_start, measurement)
+        seeds = self._seeds(seeds, x.shape[0])
+        net, net_desc, net_fast = self._network(model)
         engine, why = self._choose(cond, fast_op, y)
         self.last_plan = {"path": engine, "why_not_fused": why, "network": net_desc, "network_fast": net_fast,
                           "method": cond.method, "noise": cond.noise, "operator": repr(fast_op) if fast_op else None,
                           "operator_note": op_desc}
         self._log_once(net_desc, net_fast, cond, fast_op, op_desc, engine, why)
-        chain = _Chain(self, net, cond, fast_op, x, y, seeds.cpu(), record, save_root)
-        return chain.run(engine)
+        chain = _Chain(self, net, cond, fast_op, x, y, seeds.cpu(), on_record)
+        return chain.run(engine, steps)
+
+    def _seeds(self, seeds: Optional[torch.Tensor], b: int) -> torch.Tensor:
+        if seeds is None:
+            return seeds_from(None, b) if self.rng == "philox" else torch.zeros(b, dtype=torch.int64)
+        if not (isinstance(seeds, torch.Tensor) and seeds.dtype == torch.int64 and seeds.shape == (b,)):
+            raise ValueError(f"seeds: expected an int64 tensor [{b}], got {getattr(seeds, 'dtype', type(seeds))} "
+                             f"{tuple(getattr(seeds, 'shape', ()))}")
+        return seeds
 
     def _check_inputs(self, x_start: Any, measurement: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x_start, torch.Tensor) or x_start.dim() < 3:
@@ -459,7 +493,7 @@ class _Chain:
 
     def __init__(self, diff: SpacedDiffusion, net: Callable[..., torch.Tensor], cond: Conditioning,
                  fast_op: Optional[LinearOperator], x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor,
-                 record: bool, save_root: Optional[Union[str, os.PathLike]]) -> None:
+                 on_record: Optional[Callable[[int, torch.Tensor], None]]) -> None:
         self.d = diff
         self.net = net
         self.cond = cond
@@ -467,8 +501,7 @@ class _Chain:
         self.x = x
         self.y = y
         self.seeds = seeds.to(x.device)
-        self.record = bool(record)
-        self.save_root = save_root
+        self.on_record = on_record
         self.distance: Optional[torch.Tensor] = None
         self.forward = fast_op.forward if fast_op is not None else cond.forward
 
@@ -496,13 +529,16 @@ class _Chain:
                 for j in range(k)]
 
     # ---- the loop -------------------------------------------------------------------------
-    def run(self, engine: str) -> torch.Tensor:
+    def run(self, engine: str, steps: Optional[Sequence[int]] = None) -> torch.Tensor:
         from tqdm.auto import tqdm
 
         k = self.d.num_timesteps
+        order = list(range(k - 1, -1, -1)) if steps is None else [int(i) for i in steps]
+        if any(not 0 <= i < k for i in order) or order != sorted(order, reverse=True):
+            raise ValueError(f"steps: expected descending step indices in [0, {k}), got {steps!r}")
         x = self.x
         bad = torch.full((), -1, dtype=torch.int64, device=x.device)
-        bar = tqdm(range(k - 1, -1, -1), total=k, disable=not self.d.progress, desc=f"dps2022 {self.d.name}")
+        bar = tqdm(order, total=len(order), disable=not self.d.progress, desc=f"dps2022 {self.d.name}")
         stepper = {"fused": self._fused_steps, "formula": self._formula_steps, "callback": self._callback_steps}[engine]
         try:
             for i, x in stepper(x, iter(bar)):
@@ -510,8 +546,8 @@ class _Chain:
                 if i % RECORD_EVERY == 0:
                     if self.distance is not None:
                         bar.set_postfix({"distance": float(self.distance.float().mean())}, refresh=False)
-                    if self.record:
-                        self._save_progress(x, i)
+                    if self.on_record is not None:
+                        self.on_record(i, x)
         finally:
             bar.close()
         if int(bad) >= 0:
@@ -519,13 +555,6 @@ class _Chain:
                 f"the chain became non-finite at step idx={int(bad)} (their code would save black images); "
                 f"the guidance step is too large here: try a smaller scale (now {self.cond.scale:g})")
         return x.detach()
-
-    def _save_progress(self, x: torch.Tensor, i: int) -> None:
-        folder = os.path.join(os.fspath(self.save_root), "progress")
-        os.makedirs(folder, exist_ok=True)
-        for j in range(x.shape[0]):
-            name = f"x_{str(i).zfill(4)}.png" if x.shape[0] == 1 else f"x_{str(i).zfill(4)}_{j}.png"
-            save_like_plt(os.path.join(folder, name), x[j:j + 1])
 
     def _project_needed(self) -> bool:
         return self.cond.method in ("mcg", "projection")
