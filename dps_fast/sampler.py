@@ -27,7 +27,8 @@ from torch import nn
 from .backends import Backend, StepProblem, get_backend
 from .models.wrapper import ScoreNetwork
 from .noise import STREAM_INIT, philox_normal, seeds_from
-from .operators.base import LinearOperator
+from .operators.base import Operator
+from .operators.poisson import NOISE_MODELS, PoissonNoise
 from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class DPS:
         model: ``eps(x_t, t)`` callable (an ``nn.Module`` or a function), ``t`` int64 ``[N]`` of
             training-schedule indices; returns ``[N, C, *S]`` or ``[N, 2C, *S]`` (learned variance).
         schedule: the :class:`NoiseSchedule` (possibly respaced) to sample with.
-        operator: the forward model ``A`` (:mod:`dps_fast.operators`).
+        operator: the forward model ``A`` (:mod:`dps_fast.operators`): any :class:`~dps_fast.operators.Operator`,
+            linear or not (wrap your own callable or ``nn.Module`` in ``operators.Differentiable``).
         zeta: guidance scale, a float or one per measurement.
         sigma_n: measurement noise standard deviation (> 0 for "squared" guidance).
         guidance: "squared" (``zeta/(2 sigma_n^2) grad ||r||^2``), "normalized" (``zeta grad ||r||``
@@ -103,6 +105,13 @@ class DPS:
         checkpointing: switch the network's activation checkpointing on/off (models with
             ``set_checkpointing``, e.g. ADMUNet): recompute in the VJP to fit very large batches;
             None leaves the model as it is.
+        noise: the measurement noise: "gaussian" (``N(0, sigma_n^2 I)``, the default), "poisson"
+            (``PoissonNoise()``: the DPS code's Poisson noise at rate 1 on [-1, 1] images) or a
+            :class:`~dps_fast.operators.PoissonNoise`. Poisson guidance uses the weighted norm
+            ``||y - A x0hat||^2_Lambda``, ``Lambda_jj = gain^2 / (2 max(c_j, 1))`` (the paper's
+            ``1 / (2 y_j)`` in counts; see :mod:`dps_fast.operators.poisson`): "squared" steps
+            ``zeta grad ||r||^2_Lambda``, "normalized" ``zeta grad ||r||_Lambda``; ``sigma_n`` is
+            unused and ``residual_norm`` reports ``||r||_Lambda``.
 
     Example:
         >>> from dps_fast import DPS, NoiseSchedule, operators, priors
@@ -122,14 +131,21 @@ class DPS:
         clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
         backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
         channels_last: bool = False, check_every: Optional[int] = None, cuda_graph: bool = False,
-        checkpointing: Optional[bool] = None,
+        checkpointing: Optional[bool] = None, noise: Union[str, PoissonNoise] = "gaussian",
     ) -> None:
         if not callable(model):
             raise TypeError(f"model: expected a callable eps(x_t, t), got {type(model).__name__}")
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
-        if not isinstance(operator, LinearOperator):
-            raise TypeError(f"operator: expected a dps_fast.operators.LinearOperator, got {type(operator).__name__}")
+        if not isinstance(operator, Operator):
+            raise TypeError(f"operator: expected a dps_fast.operators.Operator (wrap a callable in "
+                            f"operators.Differentiable), got {type(operator).__name__}")
+        if isinstance(noise, str) and noise in NOISE_MODELS:
+            noise_model = PoissonNoise() if noise == "poisson" else None
+        elif isinstance(noise, PoissonNoise):
+            noise_model = noise
+        else:
+            raise ValueError(f"noise: expected one of {NOISE_MODELS} or a PoissonNoise, got {noise!r}")
         modes = [guidance] if isinstance(guidance, str) else list(guidance)
         bad = [m for m in modes if m not in GUIDANCE]
         if bad or not modes:
@@ -139,7 +155,7 @@ class DPS:
             raise ValueError(f"zeta: expected finite values >= 0, got {zeta!r}")
         if not (isinstance(sigma_n, (int, float)) and math.isfinite(sigma_n)):
             raise ValueError(f"sigma_n: expected a finite float, got {sigma_n!r}")
-        if "squared" in modes and sigma_n <= 0:
+        if "squared" in modes and sigma_n <= 0 and noise_model is None:
             raise ValueError(f"sigma_n: 'squared' guidance divides by sigma_n^2 and needs sigma_n > 0, got {sigma_n}")
         if variance is not None and variance not in VARIANCES:
             raise ValueError(f"variance: expected one of {VARIANCES} or None, got {variance!r}")
@@ -154,6 +170,7 @@ class DPS:
         self.operator = operator
         self.zeta = zeta
         self.sigma_n = float(sigma_n)
+        self.noise = noise_model  # None: Gaussian
         self.guidance = guidance
         self._modes = modes
         self.clip_x0 = clip_x0
@@ -203,6 +220,8 @@ class DPS:
         dtype = y.real.dtype if y.is_complex() else y.dtype
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"y: expected float32/float64 (or complex), got {y.dtype}")
+        if self.noise is not None and y.is_complex():
+            raise TypeError(f"y: Poisson measurements are real counts, got dtype {y.dtype}")
         if y.is_complex() != self.operator.output_is_complex():
             raise TypeError(f"y: {self.operator!r} gives {'complex' if self.operator.output_is_complex() else 'real'} "
                             f"measurements, got dtype {y.dtype}")
@@ -231,12 +250,17 @@ class DPS:
         k = self.schedule.num_steps
         t = self.schedule.timesteps.to(dev).view(k, 1).expand(k, n).contiguous()
         net = self._network(dev)
+        if self.noise is None:
+            meas = self.operator.prepare(y_rep)
+        else:
+            meas = self.operator.prepare(y_rep, weight=self.noise.weight(y_rep))
         return StepProblem(
-            net=net, operator=self.operator, meas=self.operator.prepare(y_rep),
+            net=net, operator=self.operator, meas=meas,
             table=self.schedule.table(dtype, dev), t=t,
             zeta=zeta.repeat_interleave(num_samples).to(device=dev, dtype=dtype),
             normalized=normalized.repeat_interleave(num_samples).to(dev),
-            inv_two_sigma2=0.5 / self.sigma_n**2 if self.sigma_n > 0 else 0.0,
+            # Poisson: the weight Lambda holds the whole likelihood scale (see PoissonNoise)
+            inv_two_sigma2=1.0 if self.noise is not None else (0.5 / self.sigma_n**2 if self.sigma_n > 0 else 0.0),
             clip=self.clip_x0, variance=self._resolve_variance(x_shape, dtype, t[-1, :1], net),
             seeds=seeds.reshape(-1).to(dev), channels=x_shape[1])
 

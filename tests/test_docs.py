@@ -6,6 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["dps_fast.schedule", "dps_fast.noise", "dps_fast.sampler", "dps_fast.operators.blur",
+           "dps_fast.operators.base", "dps_fast.operators.poisson", "dps_fast.operators.phase",
+           "dps_fast.operators.differentiable",
            "dps_fast.operators.masks", "dps_fast.operators.matrix", "dps_fast.operators.superres",
            "dps_fast.priors.gaussian", "dps_fast.priors.mixture"]
 

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from ..noise import STREAM_STEP, philox_normal
-from ..operators.base import LinearOperator, Measurement, residual_norm2
+from ..operators.base import Measurement, Operator, weighted_norm2
 from ..profiling import nvtx_range
 from ..schedule import Coef
 from . import torch_ops
@@ -28,8 +28,8 @@ class StepProblem:
     """Everything that stays fixed over the steps of one ``sample`` call (``N = B * S`` rows)."""
 
     net: "object"                  # dps_fast.models.wrapper.ScoreNetwork
-    operator: LinearOperator
-    meas: Measurement              # y repeated to [N, *out]
+    operator: Operator
+    meas: Measurement              # y repeated to [N, *out] (and the weight Lambda of a Poisson likelihood)
     table: torch.Tensor            # [K, Coef.COUNT] on the state's device and dtype
     t: torch.Tensor                # [K, N] int64 network timesteps
     zeta: torch.Tensor             # [N]
@@ -88,14 +88,22 @@ class FusedBackend(Backend):
 
     def prep(self, p: StepProblem, x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x0hat, w, rnorm2)`` with ``w`` the clip-masked ``A^H(A x0hat - y)``."""
+        """``(x0hat, w, rnorm2)`` with ``w`` the clip-masked guidance cotangent
+        ``J_A(x0hat)^T Lambda (A(x0hat) - y)`` (``A^H Lambda r`` for a linear ``A``) and
+        ``rnorm2 = ||A(x0hat) - y||^2_Lambda``. The operator owns its math: mask operators give
+        the (weighted) mask and ``y`` for the fused elementwise pass, blurs run their spectral
+        stage on this backend's op set, anything else answers ``residual`` (one VJP of ``A``)."""
         op, clip = p.operator, p.clip
         if op.kind == "mask":
-            return self.ops.prep_elementwise(x, eps, coefs, clip, p.meas.y, op.pixel_mask(x))
+            terms = getattr(op, "pixel_terms", None)
+            if terms is None and p.meas.weight is not None:
+                raise TypeError(f"operator: {op!r} has kind 'mask' but no pixel_terms() for a weighted "
+                                f"(Poisson) measurement")
+            mask, y = terms(x, p.meas) if terms is not None else (op.pixel_mask(x), p.meas.y)
+            return self.ops.prep_elementwise(x, eps, coefs, clip, y, mask)
         x0hat = self.ops.tweedie(x, eps, coefs, clip)
         if op.kind == "blur":
-            ex = p.meas.extra
-            w, rnorm2 = self.ops.blur_normal_residual(x0hat, ex["K"], ex["Y"], ex["ndim"])
+            w, rnorm2 = op.residual(x0hat, p.meas, ops=self.ops)
         else:
             w, rnorm2 = op.residual(x0hat, p.meas)
         return x0hat, self.ops.apply_clip_mask(w, x0hat, clip), rnorm2
@@ -139,7 +147,7 @@ class ReferenceBackend(Backend):
         if p.clip is not None:
             x0 = x0.clamp(p.clip[0], p.clip[1])
         r = p.operator.forward(x0) - p.meas.y
-        rnorm2 = residual_norm2(r)
+        rnorm2 = weighted_norm2(r, p.meas.weight)
         x0hat = x0.detach()
         if final:
             return StepOutput(None, x0hat, rnorm2.detach(), 1)

@@ -17,6 +17,9 @@ from typing import Optional
 import torch
 
 from ..noise import STREAM_STEP, philox_normal
+# The blur's spectral math is the operator's own (operators are the lower layer); re-exported here
+# because every op set offers the same functions.
+from ..operators.blur import blur_normal_residual, parseval_weights, spectral_residual  # noqa: F401
 from ..schedule import Coef
 
 __all__ = [
@@ -63,54 +66,6 @@ def prep_elementwise(
     w = r * mask if mask is not None else r.clone()
     rnorm2 = r.flatten(1).square().sum(1)
     return x0hat, apply_clip_mask(w, x0hat, clip), rnorm2
-
-
-def parseval_weights(n_last: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Weights of an rfft's last axis (length ``n_last // 2 + 1``) so that the weighted sum of
-    ``|X|^2`` equals the full-spectrum sum: 1 for DC (and Nyquist when ``n_last`` is even), else 2."""
-    w = torch.full((n_last // 2 + 1,), 2.0, device=device, dtype=dtype)
-    w[0] = 1.0
-    if n_last % 2 == 0:
-        w[-1] = 1.0
-    return w
-
-
-def spectral_residual(
-    X: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, n_last: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spectral stage of the FFT blur's normal residual.
-
-    Args:
-        X: ``[N, C, *F]`` complex, ``rfftn(x0hat)`` over the 1 or 2 signal axes.
-        K: ``[*F]`` complex, the kernel's transfer function (broadcast over N and C).
-        Y: ``[N, C, *F]`` complex, ``rfftn(y)`` (precomputed once per measurement).
-        n_last: the signal length of the last axis (to weight the half spectrum).
-
-    Returns:
-        ``W = conj(K) (K X - Y) = |K|^2 X - conj(K) Y`` (``irfftn(W)`` is ``A^H(A x0hat - y)``)
-        and ``rnorm2[n] = ||A x0hat - y||^2`` by Parseval (real, ``[N]``).
-    """
-    R = K * X - Y
-    npix = n_last
-    for s in X.shape[2:-1]:
-        npix *= s
-    wts = parseval_weights(n_last, X.device, X.real.dtype)
-    rnorm2 = (R.real.square() + R.imag.square()).mul(wts).flatten(1).sum(1) / npix
-    return K.conj() * R, rnorm2
-
-
-def blur_normal_residual(
-    x0hat: torch.Tensor, K: torch.Tensor, Y: torch.Tensor, ndim: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A^H(A x0hat - y)`` and ``||A x0hat - y||^2`` per sample for a circular blur: two FFTs.
-
-    ``x0hat`` is ``[N, C, *S]`` real with ``ndim`` (1 or 2) signal axes; ``K`` the ``[*F]``
-    transfer function (``F = S[:-1] + (S[-1] // 2 + 1,)``); ``Y = rfftn(y)`` ``[N, C, *F]``.
-    """
-    dims = tuple(range(-ndim, 0))
-    X = torch.fft.rfftn(x0hat, dim=dims)
-    W, rnorm2 = spectral_residual(X, K, Y, x0hat.shape[-1])
-    return torch.fft.irfftn(W, s=x0hat.shape[-ndim:], dim=dims), rnorm2
 
 
 def step_sigma(coefs: torch.Tensor, variance: str, v: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,11 @@
-"""Pixel-mask operators: ``Identity`` (denoising) and ``Inpainting``."""
+"""Pixel-mask operators: ``Identity`` (denoising) and ``Inpainting``.
+
+Both are ``A = diag(m)`` and take the backends' fused path (``kind = "mask"``): Tweedie, the
+residual, ``w = m (m x0hat - y)`` and ``||m x0hat - y||^2`` in one pass. A weighted measurement
+(Poisson, ``Lambda``) stays on that path: with ``m' = m sqrt(Lambda)`` and ``y' = sqrt(Lambda) y``
+the same pass gives ``w = m Lambda (m x0hat - y)`` and ``||m x0hat - y||^2_Lambda`` exactly
+(:func:`pixel_terms`).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,34 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import LinearOperator, check_signal
+from .base import LinearOperator, Measurement, check_signal
 
-__all__ = ["Identity", "Inpainting"]
+__all__ = ["Identity", "Inpainting", "pixel_terms"]
+
+
+def pixel_terms(op: "Identity | Inpainting", x: torch.Tensor, meas: Measurement
+                ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """``(mask, y)`` for the fused mask path: ``(m, y)``, or with a weight ``Lambda``
+    ``(m sqrt(Lambda), sqrt(Lambda) y)`` (``[N, *S]``, computed once per measurement and dtype)."""
+    if meas.weight is None:
+        return op.pixel_mask(x), meas.y
+    key = ("pixel_terms", x.device, x.dtype)
+    terms = meas.extra.get(key)
+    if terms is None:
+        s = meas.weight.sqrt().to(x.dtype)
+        m = op.pixel_mask(x)
+        terms = (s if m is None else s * m, s * meas.y.to(x.dtype))
+        meas.extra[key] = terms
+    return terms
 
 
 class Identity(LinearOperator):
-    """``A = I``: denoising. ``A^H = I``."""
+    """``A = I``: denoising. ``A^H = I``.
+
+    Example:
+        >>> Identity()(torch.ones(1, 1, 3)).tolist()
+        [[[1.0, 1.0, 1.0]]]
+    """
 
     kind = "mask"
 
@@ -25,6 +53,10 @@ class Identity(LinearOperator):
 
     def pixel_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
+
+    def pixel_terms(self, x: torch.Tensor, meas: Measurement) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """``(mask, y)`` of the fused path, the measurement's weight folded in (see :func:`pixel_terms`)."""
+        return pixel_terms(self, x, meas)
 
     def __repr__(self) -> str:
         return "Identity()"
@@ -82,6 +114,10 @@ class Inpainting(LinearOperator):
         if m.shape != sample[-m.dim():] and m.shape != sample:
             raise ValueError(f"x: mask of shape {tuple(m.shape)} does not fit samples of shape {tuple(sample)}")
         return m
+
+    def pixel_terms(self, x: torch.Tensor, meas: Measurement) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """``(mask, y)`` of the fused path, the measurement's weight folded in (see :func:`pixel_terms`)."""
+        return pixel_terms(self, x, meas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_signal(x)
