@@ -7,7 +7,9 @@ comparing dps_fast's recognised paths against these objects compares against the
   and ``forward(x, timesteps, y=None)``; the blocks are dps_fast's ADMUNet blocks (the ADM
   conformance fixture shows they compute the reference function).
 * operators ``DenoiseOperator``, ``InpaintingOperator``, ``GaussialBlurOperator`` (sic, their
-  spelling) with ``forward(data, **kwargs)``, ``transpose``, ``ortho_project``, ``project``;
+  spelling), ``MotionBlurOperator``, ``SuperResolutionOperator`` (their antialiased bicubic
+  resizer), ``PhaseRetrievalOperator`` with ``forward(data, **kwargs)``, ``transpose``,
+  ``ortho_project``, ``project``, and a user's own ``SquaredOperator``;
 * noisers ``GaussianNoise(sigma)``, ``PoissonNoise(rate)`` with the ``__name__`` their
   ``get_noise`` sets;
 * conditioning classes ``Identity`` ('vanilla'), ``Projection``, ``PosteriorSampling`` ('ps'),
@@ -15,6 +17,8 @@ comparing dps_fast's recognised paths against these objects compares against the
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -190,6 +194,92 @@ class GaussialBlurOperator(LinearOperator):
 
     def get_kernel(self):
         return self.kernel.view(1, 1, self.kernel_size, self.kernel_size)
+
+
+class MotionBlurOperator(LinearOperator):
+    """Their motion blur: the same reflect-padded depthwise conv, with a (non-symmetric) kernel
+    matrix (theirs comes from the ``motionblur`` package's random trajectory)."""
+
+    def __init__(self, kernel_size, intensity, device, kernel=None):
+        self.device = device
+        self.kernel_size = kernel_size
+        if kernel is None:
+            g = torch.Generator().manual_seed(int(intensity * 1000))
+            kernel = torch.rand(kernel_size, kernel_size, generator=g, dtype=torch.float64)
+            kernel /= kernel.sum()
+        self.conv = _ReflectConv(kernel.float()).to(device)
+
+    def forward(self, data, **kwargs):
+        return self.conv(data)
+
+    def transpose(self, data, **kwargs):
+        return data
+
+
+def _keys(t: np.ndarray) -> np.ndarray:
+    a = np.abs(t)
+    return ((1.5 * a ** 3 - 2.5 * a ** 2 + 1) * (a <= 1)
+            + (-0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2) * ((a > 1) & (a <= 2)))
+
+
+class _Resizer(torch.nn.Module):
+    """Their util/resizer.py for a downscale by ``1/factor`` along the last two axes: per output
+    pixel the input pixels within the stretched cubic's reach, weights ``cubic(scale * d) *
+    scale`` normalised, out-of-range indices mirrored ([0..n-1, n-1..0])."""
+
+    def __init__(self, in_shape, scale):
+        super().__init__()
+        self.mats = []
+        for n in in_shape[-2:]:
+            m = int(np.ceil(n * scale))
+            width = 4.0 / scale
+            out = np.arange(1, m + 1)
+            match = (out - (m - n * scale) / 2) / scale + 0.5 * (1 - 1 / scale)
+            left = np.floor(match - width / 2)
+            taps = left[:, None] + np.arange(np.ceil(width) + 2) - 1
+            w = scale * _keys(scale * (match[:, None] - taps - 1))
+            w = w / w.sum(1, keepdims=True)
+            mirror = np.concatenate([np.arange(n), np.arange(n - 1, -1, -1)])
+            idx = mirror[np.mod(taps.astype(np.int64), 2 * n)]
+            mat = np.zeros((m, n))
+            for i in range(m):
+                for j, wt in zip(idx[i], w[i]):
+                    mat[i, j] += wt
+            self.mats.append(torch.from_numpy(mat))
+
+    def forward(self, x):
+        mh, mw = (m.to(x) for m in self.mats)
+        return torch.einsum("ih,bchw,jw->bcij", mh, x, mw)
+
+
+class SuperResolutionOperator(LinearOperator):
+    def __init__(self, in_shape, scale_factor, device):
+        self.device = device
+        self.up_sample = functools.partial(torch.nn.functional.interpolate, scale_factor=scale_factor)
+        self.down_sample = _Resizer(in_shape, 1 / scale_factor).to(device)
+
+    def forward(self, data, **kwargs):
+        return self.down_sample(data)
+
+    def transpose(self, data, **kwargs):
+        return self.up_sample(data)
+
+    def project(self, data, measurement, **kwargs):
+        return data - self.transpose(self.forward(data)) + self.transpose(measurement)
+
+
+class PhaseRetrievalOperator:
+    def __init__(self, oversample, device):
+        self.pad = int((oversample / 8.0) * 256)
+        self.device = device
+
+    def forward(self, data, **kwargs):
+        padded = torch.nn.functional.pad(data, (self.pad, self.pad, self.pad, self.pad))
+        centred = torch.fft.ifftshift(padded, dim=(-2, -1))
+        return torch.fft.fftshift(torch.fft.fft2(centred, norm="ortho"), dim=(-2, -1)).abs()
+
+    def project(self, data, measurement, **kwargs):
+        return data + measurement - self.forward(data)
 
 
 class SquaredOperator(LinearOperator):

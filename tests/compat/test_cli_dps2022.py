@@ -269,6 +269,27 @@ def test_cli_writes_their_folders_and_resumes_with_the_same_images(tmp_path, tin
 
 
 @needs_fixture
+@pytest.mark.parametrize("operator, extra, method, y_shape, op_repr", [
+    ("gaussian_blur", "    kernel_size: 9\n    intensity: 1.0\n", "ps", (3, 32, 32), "Blur(kernel=(9, 9), boundary='reflect')"),
+    ("motion_blur", "    kernel_size: 9\n    intensity: 0.5\n", "mcg", (3, 32, 32), "Blur(kernel=(9, 9), boundary='reflect')"),
+    ("super_resolution", "    in_shape: !!python/tuple [1, 3, 32, 32]\n    scale_factor: 2\n", "ps", (3, 16, 16),
+     "SuperResolution(factor=2, filter='bicubic')"),
+    ("phase_retrieval", "    oversample: 0.25\n", "ps", (3, 48, 48), "PhaseRetrieval(oversample=0.25, pad=8)"),
+    ("noise", "", "ps+", (3, 32, 32), "Identity()"),
+], ids=["gaussian_blur", "motion_blur-mcg", "super_resolution", "phase_retrieval", "denoise-ps+"])
+def test_cli_runs_their_operators(tmp_path, tiny32, capsys, operator, extra, method, y_shape, op_repr):
+    argv = _write_setup(tmp_path, tiny32, task_extra=extra, n_images=1, method=method, operator=operator,
+                        respacing=2)
+    assert main(argv) == 0, capsys.readouterr().err
+    out = tmp_path / "results" / operator
+    item = torch.load(out / "items" / "00000" / "tensors.pt", weights_only=True)
+    assert tuple(item["measurement"].shape) == y_shape and torch.isfinite(item["recon"]).all()
+    plan = json.loads((out / "manifest.json").read_text())["plan"]
+    assert plan["operator"] == op_repr and plan["path"] == ("fused" if method in ("ps", "mcg") else "formula")
+    assert (out / "input" / "00000.png").is_file() and (out / "progress" / "00000" / "x_0000.png").is_file()
+
+
+@needs_fixture
 def test_cli_rng_torch_runs_one_image_at_a_time(tmp_path, tiny32, capsys):
     argv = _write_setup(tmp_path, tiny32, n_images=2, respacing=3)
     assert main(argv + ["--rng", "torch"]) == 0, capsys.readouterr().err

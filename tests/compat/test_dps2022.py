@@ -16,9 +16,11 @@ from dps_fast.compat.dps2022 import clear_color, create_sampler
 from dps_fast.compat.dps2022.unet import to_admunet
 from dps_fast.priors import GaussianPrior
 from tests.compat.conftest import diffusion_config, needs_fixture
+from dps_fast.compat.dps2022.recognize import map_operator
 from tests.compat.standins import (DenoiseOperator, GaussialBlurOperator, GaussianNoise, Identity,
-                                   InpaintingOperator, ManifoldConstraintGradient, PoissonNoise, PosteriorSampling,
-                                   PosteriorSamplingPlus, Projection, SquaredOperator, UNetModel, create_unet,
+                                   InpaintingOperator, ManifoldConstraintGradient, MotionBlurOperator,
+                                   PhaseRetrievalOperator, PoissonNoise, PosteriorSampling, PosteriorSamplingPlus,
+                                   Projection, SquaredOperator, SuperResolutionOperator, UNetModel, create_unet,
                                    even_keep, linear_betas, respaced, their_ddpm_loop)
 from tests.nets import TinyEps
 
@@ -162,19 +164,37 @@ def _f64_problem(kind: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     shape = (1, 3, 16, 16)
     x0 = torch.rand(shape, generator=g, dtype=F64) * 1.6 - 0.8
+    kw: dict = {}
     if kind == "inpaint":
         op, kw = InpaintingOperator("cpu"), {"mask": (torch.rand(1, 1, 16, 16, generator=g) > 0.4).to(F64)}
     elif kind == "denoise":
-        op, kw = DenoiseOperator("cpu"), {}
+        op = DenoiseOperator("cpu")
+    elif kind == "blur":
+        op = GaussialBlurOperator(9, 1.0, "cpu")
+        op.conv.double()
+    elif kind == "motion":
+        op = MotionBlurOperator(9, 0.5, "cpu")
+        op.conv.double()
+    elif kind == "superres":
+        op = SuperResolutionOperator((1, 3, 16, 16), 4, "cpu")
+    elif kind == "phase":
+        op = PhaseRetrievalOperator(0.5, "cpu")
     else:
-        op, kw = SquaredOperator(), {}
-    y = op.forward(x0, **kw) + 0.05 * torch.randn(shape, generator=g, dtype=F64)
+        op = SquaredOperator()
+    ax = op.forward(x0, **kw)
+    y = ax + 0.05 * torch.randn(ax.shape, generator=g, dtype=F64)
     return op, kw, y, torch.randn(shape, generator=g, dtype=F64)
 
 
 CASES = [
     ("ps", "inpaint", "gaussian", {}),
+    ("ps", "blur", "gaussian", {}),
+    ("ps", "motion", "gaussian", {}),
+    ("ps", "superres", "gaussian", {}),
+    ("ps", "phase", "gaussian", {}),
+    ("ps", "nonlinear", "gaussian", {}),
     ("mcg", "inpaint", "gaussian", {}),
+    ("mcg", "superres", "gaussian", {}),
     ("ps", "inpaint", "gaussian", {"model_var_type": "fixed_small"}),
     ("ps", "inpaint", "poisson", {"model_var_type": "fixed_large"}),
     ("ps", "inpaint", "gaussian", {"sampler": "ddim"}),
@@ -183,7 +203,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("method, kind, noise, over", CASES,
-                         ids=["ps-inpaint", "mcg-inpaint", "ps-fixed-small", "ps-poisson-fixed-large",
+                         ids=["ps-inpaint", "ps-blur", "ps-motion", "ps-superres", "ps-phase", "ps-own-operator",
+                              "mcg-inpaint", "mcg-superres", "ps-fixed-small", "ps-poisson-fixed-large",
                               "ddim-ps", "ddim-eta-noclip"])
 @pytest.mark.parametrize("rng", ["philox", "torch"])
 def test_fused_path_equals_generic_path_float64(method, kind, noise, over, rng):
@@ -203,6 +224,30 @@ def test_fused_path_equals_generic_path_float64(method, kind, noise, over, rng):
                                     seeds=torch.tensor([77]))
         assert s.last_plan["path"] == ("fused" if fast else "callback")
     assert rel(out[True], out[False]) < 1e-10  # float64 rounding over 6 steps
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("denoise", "Identity()"), ("inpaint", "Inpainting(mask=(16, 16)"), ("blur", "Blur(kernel=(9, 9), boundary='reflect')"),
+    ("motion", "Blur(kernel=(9, 9), boundary='reflect')"), ("superres", "SuperResolution(factor=4, filter='bicubic')"),
+    ("phase", "PhaseRetrieval(oversample=2.0, pad=16)"), ("nonlinear", "Differentiable(")])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_their_operators_map_to_dps_fast_operators(kind, expected, dtype):
+    op, kw, y, x_start = _f64_problem(kind)
+    if hasattr(op, "conv"):
+        op.conv.to(dtype)
+    ours, desc = map_operator(op, kw, x_start.to(dtype))
+    assert repr(ours).startswith(expected), desc
+    x = torch.randn(x_start.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    # same A: float rounding of the probe's sums at most (the mapping itself checks 1e-4)
+    assert rel(ours.forward(x), op.forward(x, **kw)) < (1e-12 if dtype == F64 else 1e-5)
+
+
+def test_an_operator_that_differs_from_its_namesake_is_not_mapped():
+    op = GaussialBlurOperator(9, 1.0, "cpu")
+    op.conv.seq[0].padding = (2, 2, 2, 2)  # not k // 2: a different operator behind the same class name
+    op.conv.seq[0] = torch.nn.ReplicationPad2d(4)  # and another boundary
+    ours, desc = map_operator(op, {}, torch.zeros(1, 3, 16, 16))
+    assert repr(ours).startswith("Differentiable(") and "no dps_fast equivalent" in desc
 
 
 def test_batched_rows_equal_single_runs():
@@ -298,7 +343,8 @@ def test_one_log_line_per_setup(caplog):
             s.p_sample_loop(net, x_start, y, cond.conditioning)
     lines = [r.getMessage() for r in caplog.records if "dps2022 drop-in" in r.getMessage()]
     assert len(lines) == 1
-    assert "SquaredOperator -> autograd through forward()" in lines[0] and "formula path" in lines[0]
+    assert "SquaredOperator -> Differentiable (one autograd VJP of their forward)" in lines[0]
+    assert "fused DPS step" in lines[0]
 
 
 # ---- progress images ----------------------------------------------------------------------------

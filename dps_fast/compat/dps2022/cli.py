@@ -148,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--diffusion_config: {exc}") from None
     task = parse_task(task_cfg)
+    task.kernel_seed = args.seed
     files = list_images(task.data_root)
     if not files:
         raise FileNotFoundError(f"--task_config: data.root: no PNG files under {task.data_root!r}")

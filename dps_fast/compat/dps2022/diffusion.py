@@ -49,7 +49,7 @@ from ...backends.base import FusedBackend
 from ...models.adm import ADMUNet
 from ...models.wrapper import frozen_weights
 from ...noise import STREAM_STEP, philox4x32, philox_normal, seeds_from
-from ...operators.base import LinearOperator
+from ...operators.base import Operator
 from ...sampler import DPS, NonFiniteError
 from ...schedule import Coef, NoiseSchedule
 from . import methods
@@ -306,7 +306,7 @@ class SpacedDiffusion:
 
         return self.run(model, cond, fast_op, x, y, seeds, on_record=on_record, op_desc=op_desc)
 
-    def run(self, model: Any, cond: Conditioning, fast_op: Optional[LinearOperator], x_start: torch.Tensor,
+    def run(self, model: Any, cond: Conditioning, fast_op: Optional[Operator], x_start: torch.Tensor,
             measurement: torch.Tensor, seeds: torch.Tensor,
             on_record: Optional[Callable[[int, torch.Tensor], None]] = None, op_desc: str = "",
             steps: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -357,7 +357,7 @@ class SpacedDiffusion:
             raise ValueError(f"measurement: expected x_start's device {x_start.device}, got {measurement.device}")
         return x_start.detach().clone(), measurement.detach()
 
-    def _choose(self, cond: Conditioning, fast_op: Optional[LinearOperator], y: torch.Tensor) -> tuple[str, str]:
+    def _choose(self, cond: Conditioning, fast_op: Optional[Operator], y: torch.Tensor) -> tuple[str, str]:
         """('fused' | 'formula' | 'callback', why not fused)."""
         if cond.method is None:
             return "callback", cond.reason
@@ -376,13 +376,13 @@ class SpacedDiffusion:
             return "formula", "complex measurement"
         return "fused", ""
 
-    def _log_once(self, net_desc: str, net_fast: bool, cond: Conditioning, fast_op: Optional[LinearOperator],
+    def _log_once(self, net_desc: str, net_fast: bool, cond: Conditioning, fast_op: Optional[Operator],
                   op_desc: str, engine: str, why: str) -> None:
         op_name = type(cond.operator).__name__ if cond.operator is not None else "-"
+        op_part = (f"{op_name} -> {op_desc}" if fast_op is not None
+                   else f"{op_name} -> autograd through their forward()" + (f" ({op_desc})" if op_desc else ""))
         parts = [f"network: {net_desc} [{'fast' if net_fast else 'not fast'}]",
-                 f"conditioning: {cond.describe()}",
-                 f"operator: {op_name} -> {op_desc if fast_op is not None else 'autograd through forward()'}"
-                 + (f" ({op_desc})" if fast_op is None and op_desc else ""),
+                 f"conditioning: {cond.describe()}", f"operator: {op_part}",
                  f"step: {'fused DPS step' if engine == 'fused' else engine + ' path (' + why + ')'}",
                  f"sampler: {self.name}, {self.num_timesteps} steps, rng={self.rng}"]
         msg = "dps2022 drop-in: " + "; ".join(parts)
@@ -492,7 +492,7 @@ class _Chain:
     """One ``p_sample_loop`` run: the draws in the chosen order and the three step paths."""
 
     def __init__(self, diff: SpacedDiffusion, net: Callable[..., torch.Tensor], cond: Conditioning,
-                 fast_op: Optional[LinearOperator], x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor,
+                 fast_op: Optional[Operator], x: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor,
                  on_record: Optional[Callable[[int, torch.Tensor], None]]) -> None:
         self.d = diff
         self.net = net

@@ -10,7 +10,10 @@ unwraps it to the conditioning object, whose class name says the method
 the generic path that calls the function itself.
 
 :func:`map_operator` maps their operator objects to dps_fast operators where the semantics are
-identical, and checks that on a random probe before trusting it.
+identical (denoising, inpainting, the reflect-boundary Gaussian/motion blurs, antialiased bicubic
+super-resolution, phase retrieval) and checks that on a random probe before trusting it; any
+other operator becomes ``operators.Differentiable(their forward)``: the fused step with one
+autograd VJP of their ``forward``.
 
 Example:
     >>> inspect_conditioning(lambda **kw: kw).method is None
@@ -27,8 +30,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ...operators import Identity, Inpainting
-from ...operators.base import LinearOperator, check_signal
+from ...operators import Blur, Differentiable, Identity, Inpainting, PhaseRetrieval, SuperResolution
+from ...operators.base import LinearOperator, Operator, check_signal
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +159,24 @@ class BatchMask(LinearOperator):
         return f"BatchMask({tuple(self.mask.shape)})"
 
 
-def _candidate(op: Any, kwargs: dict[str, Any], x: torch.Tensor) -> tuple[Optional[LinearOperator], str]:
+def _reflect_conv_kernel(op: Any) -> Optional[torch.Tensor]:
+    """The ``[k, k]`` kernel of their ``Blurkernel`` (``op.conv.seq``: ``ReflectionPad2d(k // 2)``
+    then a bias-free depthwise ``Conv2d`` with one kernel for every channel), else None."""
+    seq = getattr(getattr(op, "conv", None), "seq", None)
+    if not isinstance(seq, torch.nn.Sequential) or len(seq) != 2:
+        return None
+    pad, conv = seq[0], seq[1]
+    if not (isinstance(pad, torch.nn.ReflectionPad2d) and isinstance(conv, torch.nn.Conv2d)):
+        return None
+    w = conv.weight.detach()
+    k = w.shape[-1]
+    if (conv.bias is not None or w.shape[1] != 1 or conv.groups != w.shape[0] or w.shape[-2] != k or k % 2 == 0
+            or tuple(pad.padding) != (k // 2,) * 4 or not bool((w == w[:1]).all())):
+        return None
+    return w[0, 0].double().cpu()
+
+
+def _candidate(op: Any, kwargs: dict[str, Any], x: torch.Tensor) -> tuple[Optional[Operator], str]:
     """The dps_fast operator with their operator's semantics (unverified), or (None, why not)."""
     name = type(op).__name__
     if name == "DenoiseOperator":
@@ -175,19 +195,47 @@ def _candidate(op: Any, kwargs: dict[str, Any], x: torch.Tensor) -> tuple[Option
         if m.dim() > 3:
             return None, f"inpainting mask of shape {tuple(mask.shape)}"
         return Inpainting(m), "Inpainting"
+    kernel = _reflect_conv_kernel(op)
+    if kernel is not None:  # their Conv2d correlates: our convolution takes the flipped kernel
+        return Blur(kernel.flip(-2, -1), boundary="reflect"), f"Blur({kernel.shape[0]}x{kernel.shape[1]}, reflect)"
+    if name == "SuperResolutionOperator":
+        factor = getattr(getattr(op, "up_sample", None), "keywords", {}).get("scale_factor")
+        if not (isinstance(factor, (int, float)) and float(factor) == int(factor) and factor >= 1):
+            return None, f"super-resolution with scale factor {factor!r}"
+        return SuperResolution(int(factor), filter="bicubic"), f"SuperResolution({int(factor)}, bicubic)"
+    if name == "PhaseRetrievalOperator" and isinstance(getattr(op, "pad", None), int):
+        return PhaseRetrieval(pad=op.pad), f"PhaseRetrieval(pad={op.pad})"
     return None, f"{name} has no dps_fast equivalent"
 
 
-def map_operator(op: Any, kwargs: dict[str, Any], x_like: torch.Tensor) -> tuple[Optional[LinearOperator], str]:
+def _generic(op: Any, kwargs: dict[str, Any], x: torch.Tensor) -> tuple[Optional[Operator], str]:
+    """``Differentiable(their forward)``, shaped from one forward on ``x``; None if that fails."""
+    def fn(v: torch.Tensor, _op: Any = op, _kw: dict = kwargs) -> torch.Tensor:
+        return _op.forward(v, **_kw)
+
+    try:
+        with torch.no_grad():
+            out = fn(x)
+    except Exception as exc:  # noqa: BLE001 - their operator: whatever it raises, fall back
+        return None, f"{type(op).__name__}.forward failed on x ({type(exc).__name__}: {exc})"
+    if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0] or out.is_complex():
+        return None, f"{type(op).__name__}.forward does not return a real tensor [B, ...]"
+    return (Differentiable(fn, output_shape=tuple(out.shape[1:]), input_shape=tuple(x.shape[1:])),
+            "Differentiable (one autograd VJP of their forward)")
+
+
+def map_operator(op: Any, kwargs: dict[str, Any], x_like: torch.Tensor,
+                 generic: bool = True) -> tuple[Optional[Operator], str]:
     """Their operator (with the keywords bound to the conditioning) -> a dps_fast operator with the
-    same ``A``, checked on a random probe shaped like ``x_like`` (in its dtype); (None, reason)
-    when there is none or the probe disagrees by more than :data:`PROBE_TOL`."""
+    same ``A``, checked on a random probe shaped like ``x_like`` (in its dtype). Without an exact
+    equivalent (or when the probe disagrees by more than :data:`PROBE_TOL`) it is
+    ``Differentiable(their forward)`` if ``generic``, else (None, reason)."""
     try:
         cand, desc = _candidate(op, kwargs, x_like)
     except (ValueError, TypeError) as exc:
-        return None, f"{type(op).__name__}: {exc}"
+        cand, desc = None, f"{type(op).__name__}: {exc}"
     if cand is None:
-        return None, desc
+        return _fallback(op, kwargs, x_like, desc, generic)
     g = torch.Generator(device="cpu").manual_seed(1234)
     probe = torch.rand(tuple(x_like.shape), generator=g, dtype=x_like.dtype).to(x_like.device) * 2 - 1
     try:
@@ -195,12 +243,22 @@ def map_operator(op: Any, kwargs: dict[str, Any], x_like: torch.Tensor) -> tuple
             theirs = op.forward(probe, **kwargs)
             ours = cand.forward(probe)
     except Exception as exc:  # noqa: BLE001 - any failure means: not the same operator
-        return None, f"{type(op).__name__}: probe failed ({type(exc).__name__}: {exc})"
+        return _fallback(op, kwargs, x_like, f"{type(op).__name__}: probe failed ({type(exc).__name__}: {exc})",
+                         generic)
     if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
-        return None, (f"{type(op).__name__}: output shape {tuple(getattr(theirs, 'shape', ()))} differs from "
-                      f"{desc}'s {tuple(ours.shape)}")
+        return _fallback(op, kwargs, x_like, f"{type(op).__name__}: output shape "
+                         f"{tuple(getattr(theirs, 'shape', ()))} differs from {desc}'s {tuple(ours.shape)}", generic)
     scale = theirs.abs().max().clamp_min(1e-30)
     err = float((theirs.to(ours.dtype) - ours).abs().max() / scale)
     if not err <= PROBE_TOL:
-        return None, f"{type(op).__name__}: differs from {desc} on a random probe (max rel. error {err:.2g})"
+        return _fallback(op, kwargs, x_like, f"{type(op).__name__}: differs from {desc} on a random probe "
+                         f"(max rel. error {err:.2g})", generic)
     return cand, desc
+
+
+def _fallback(op: Any, kwargs: dict[str, Any], x: torch.Tensor, why: str,
+              generic: bool) -> tuple[Optional[Operator], str]:
+    if not generic:
+        return None, why
+    cand, desc = _generic(op, kwargs, x)
+    return cand, (f"{desc}; {why}" if cand is not None else f"{why}; {desc}")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ...operators import Identity
-from ...operators.base import LinearOperator
+from ...operators.base import Operator
 from .recognize import BatchMask
 
 __all__ = ["load_yaml", "parse_task", "Task", "model_from_config", "list_images", "load_image",
@@ -212,15 +212,26 @@ class Task:
     data_root: str
     mask: Optional[MaskGenerator] = None
     raw: dict[str, Any] = field(default_factory=dict)
+    kernel_seed: int = 0  # motion_blur: their kernel is random per run; ours is seeded
+    _built: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def build(self, image_size: int, masks: Optional[torch.Tensor] = None
-              ) -> tuple[LinearOperator, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+              ) -> tuple[Operator, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         """``(A, project)`` for images of ``image_size``; ``masks`` ``[B, 1, S, S]`` for inpainting.
 
         ``project(x, noisy_y)`` is their operator's ``project`` formula (used by 'mcg' and
         'projection'): the base class ``(I - A^T A) y - A x`` with ``A^T = I`` for the blurs,
         ``(1 - m) y - m x`` for inpainting, ``x - up(A x) + up(y)`` (nearest) for super-resolution,
         ``x`` for denoising."""
+        name, a = self.operator_name, self.operator_args
+        if name != "inpainting":  # one operator for every batch (its FFT plans and kernels cached)
+            if image_size not in self._built:
+                self._built[image_size] = self._build(image_size, None)
+            return self._built[image_size]
+        return self._build(image_size, masks)
+
+    def _build(self, image_size: int, masks: Optional[torch.Tensor]
+               ) -> tuple[Operator, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         name, a = self.operator_name, self.operator_args
         if name == "noise":
             return Identity(), lambda x, y: x
@@ -230,10 +241,15 @@ class Task:
             op = BatchMask(masks)
             return op, lambda x, y: (y - op.forward(y)) - op.forward(x)
         if name in ("gaussian_blur", "motion_blur"):
-            op = _blur(name, a)
+            op = _blur(name, a, self.kernel_seed)
             return op, lambda x, y: (y - op.forward(y)) - op.forward(x)
         if name == "super_resolution":
             factor = _factor(a)
+            shape = a.get("in_shape")
+            if shape is not None and (not isinstance(shape, (list, tuple)) or int(shape[-1]) != image_size
+                                      or int(shape[-2]) != image_size):
+                raise ConfigError(f"measurement.operator.in_shape: their resizer is built for {shape!r}; the "
+                                  f"images are {image_size}x{image_size}")
             op = _h11("SuperResolution", "super_resolution", lambda cls: cls(factor, filter="bicubic"))
 
             def project(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -241,8 +257,9 @@ class Task:
                 return x - up(op.forward(x)) + up(y)
 
             return op, project
-        if name == "phase_retrieval":
-            op = _h11("PhaseRetrieval", "phase_retrieval", lambda cls: cls(float(a["oversample"])))
+        if name == "phase_retrieval":  # their padding int(oversample / 8 * 256) whatever the image size
+            pad = int(float(a["oversample"]) / 8.0 * 256)
+            op = _h11("PhaseRetrieval", "phase_retrieval", lambda cls: cls(float(a["oversample"]), pad=pad))
 
             def no_project(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 raise ValueError("phase_retrieval has no projection")
@@ -258,7 +275,7 @@ def _factor(a: dict[str, Any]) -> int:
     return int(f)
 
 
-def _h11(cls_name: str, op_name: str, make: Callable[[Any], LinearOperator]) -> LinearOperator:
+def _h11(cls_name: str, op_name: str, make: Callable[[Any], Operator]) -> Operator:
     """``make(dps_fast.operators.<cls_name>)``, or a ConfigError when this build lacks it."""
     from ... import operators
 
@@ -273,7 +290,7 @@ def _h11(cls_name: str, op_name: str, make: Callable[[Any], LinearOperator]) -> 
                           f"options of their operator ({exc})") from None
 
 
-def _blur(name: str, a: dict[str, Any]) -> LinearOperator:
+def _blur(name: str, a: dict[str, Any], seed: int = 0) -> Operator:
     from ... import operators
 
     k = a.get("kernel_size")
@@ -285,7 +302,7 @@ def _blur(name: str, a: dict[str, Any]) -> LinearOperator:
             raise ConfigError(f"measurement.operator.intensity: expected a motion intensity in [0, 1], got {std!r}")
         if not (isinstance(k, int) and k >= 1):
             raise ConfigError(f"measurement.operator.kernel_size: expected a positive int, got {k!r}")
-        kernel = operators.MotionBlur(k, float(std), seed=0).kernel(2)
+        kernel = operators.MotionBlur(k, float(std), seed=seed).kernel(2)
     return _h11("Blur", name, lambda cls: cls(kernel, boundary="reflect"))
 
 
