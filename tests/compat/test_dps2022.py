@@ -446,3 +446,18 @@ def test_the_import_swap_needs_no_yaml():
             "model_var_type='fixed_small', dynamic_threshold=False, clip_denoised=True, rescale_timesteps=False)).__name__)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "DDPM", r.stderr
+
+
+def test_compile_wraps_the_network_once_per_sampler():
+    """torch.compile (here its 'eager' backend: no C++ toolchain needed) is applied once and reused
+    by every later call, and does not change the samples."""
+    op, kw, y, x_start = _f64_problem("inpaint")
+    fn = functools.partial(PosteriorSampling(op, GaussianNoise(0.05), scale=0.3).conditioning, **kw)
+    net = TinyEps(3, 8, learn_sigma=True).double()
+    plain = create_sampler(**diffusion_config(timestep_respacing=3), progress=False)
+    comp = create_sampler(**diffusion_config(timestep_respacing=3), compile={"backend": "eager"}, progress=False)
+    seeds = torch.tensor([3])
+    ref = plain.p_sample_loop(net, x_start, y, fn, seeds=seeds)
+    outs = [comp.p_sample_loop(net, x_start, y, fn, seeds=seeds) for _ in range(2)]
+    assert len(comp._compiled) == 1 and "torch.compile" in comp.last_plan["network"]
+    assert all(rel(o, ref) < 1e-12 for o in outs)

@@ -76,6 +76,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="philox: per-image streams (batchable, resumable); torch: their torch/numpy draws, one image "
                         "at a time")
     p.add_argument("--backend", choices=("auto", "reference", "torch", "triton", "cuda"), default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (once, reused by every batch)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -142,7 +143,8 @@ def _run(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--diffusion_config: unknown keys {unknown} (create_sampler takes {list(_DIFFUSION_KEYS)})")
     try:
-        sampler = create_sampler(**diff_cfg, rng=args.rng, backend=args.backend, progress=False)
+        sampler = create_sampler(**diff_cfg, rng=args.rng, backend=args.backend, compile=bool(args.compile),
+                                 progress=False)
     except TypeError as exc:
         raise ConfigError(f"--diffusion_config: {exc}") from None
     except ValueError as exc:

@@ -106,7 +106,7 @@ def create_sampler(sampler: str, steps: int, noise_schedule: str, model_mean_typ
                    dynamic_threshold: bool, clip_denoised: bool, rescale_timesteps: bool,
                    timestep_respacing: Union[int, str, Sequence[int], None] = "", *, eta: float = 0.0,
                    rng: str = "philox", fast: bool = True, backend: str = "auto",
-                   compile: Optional[bool] = None, autocast: Optional[torch.dtype] = None,
+                   compile: Union[bool, dict] = False, autocast: Optional[torch.dtype] = None,
                    progress: bool = True) -> "SpacedDiffusion":
     """Their ``create_sampler(**diffusion_config)``: the keys of ``diffusion_config.yaml`` (plus
     ``eta`` for DDIM) and dps_fast's options.
@@ -125,7 +125,10 @@ def create_sampler(sampler: str, steps: int, noise_schedule: str, model_mean_typ
         rng: 'philox' (dps_fast's batch-independent stream) or 'torch' (their draws, in their order).
         fast: recognise their objects and run the fast paths; False runs their model and
             conditioning function as given (the generic path, e.g. to compare).
-        backend, compile, autocast: passed to :class:`~dps_fast.DPS` on the fused path.
+        backend, autocast: passed to :class:`~dps_fast.DPS` on the fused path.
+        compile: ``torch.compile`` the network (True, or a dict of its options): compiled once per
+            model object and reused by every later ``p_sample_loop`` call (their scripts call it
+            once per image); off by default, so swapping the import never starts a compile.
         progress: show a tqdm bar over the steps (theirs always does).
 
     Returns:
@@ -181,7 +184,7 @@ class SpacedDiffusion:
     def __init__(self, schedule: NoiseSchedule, model_mean_type: str,
                  model_var_type: str, dynamic_threshold: bool, clip_denoised: bool, rescale_timesteps: bool,
                  eta: float = 0.0, rng: str = "philox", fast: bool = True, backend: str = "auto",
-                 compile: Optional[bool] = None, autocast: Optional[torch.dtype] = None,
+                 compile: Union[bool, dict] = False, autocast: Optional[torch.dtype] = None,
                  progress: bool = True) -> None:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
@@ -200,6 +203,7 @@ class SpacedDiffusion:
         self.fast = fast
         self.backend = backend
         self.compile = compile
+        self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
         self.autocast = autocast
         self.progress = progress
         self.betas = self.schedule.betas.numpy().copy()
@@ -260,6 +264,15 @@ class SpacedDiffusion:
                 isinstance(m, nn.Dropout) and m.p > 0 for m in net.modules()):
             logger.warning("model: in training mode with dropout: its forward draws random numbers "
                            "(call model.eval() as their sample_condition.py does)")
+        if self.compile and isinstance(net, nn.Module):
+            # one compiled wrapper per network and sampler: a new torch.compile per call (their
+            # scripts call p_sample_loop once per image) would compile again for every image
+            hit = self._compiled.get(id(net))
+            if hit is None or hit[0] is not net:
+                opts = self.compile if isinstance(self.compile, dict) else {}
+                hit = (net, torch.compile(net, **opts))
+                self._compiled[id(net)] = hit
+            net, desc = hit[1], desc + ", torch.compile"
         if self.rescale_timesteps:
             net = _Rescaled(net, 1000.0 / self.original_num_steps)
         return net, desc, fast
@@ -573,7 +586,7 @@ class _Chain:
         variance = "fixed_small" if d.model_var_type == "fixed_small" else d.model_var_type
         dps = DPS(self.net, d.schedule, self.fast_op, zeta=zeta, sigma_n=cond.sigma or 1.0, guidance="normalized",
                   clip_x0=(-1.0, 1.0) if d.clip_denoised else None, variance=variance, backend=d.backend,
-                  compile=d.compile, autocast=d.autocast)
+                  compile=False, autocast=d.autocast)
         p, _ = dps.prepare(y, 1, seeds=self.seeds.cpu().view(-1, 1))
         be = dps.backend(x.device)
         ddim = isinstance(d, DDIM)
