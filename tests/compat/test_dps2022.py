@@ -149,8 +149,8 @@ def test_rng_torch_fused_path_reproduces_their_loop(small_unet, method):
     # The fused update rounds differently (one fused pass instead of their op sequence) and the
     # chain amplifies float32 rounding, so the yardstick is how far their own loop moves when an
     # input moves by one float32 ulp (flash-attention rule: at most 2x that). Measured over 4
-    # problems: ours 1.0e-6..2.7e-6 relative, the largest nudge 1.8e-6..1.4e-5. A wrong draw order
-    # gives O(1) differences (see the negative control of the formula-path test).
+    # problems x 2 methods: ours 1.0e-6..2.7e-6 relative, one nudge of x_start 1.3e-6..1.4e-5.
+    # A wrong draw order gives O(1) differences (see the formula-path test's negative control).
     nudges = []
     for xs, yy in ((x_start * (1 + 2.0 ** -23), y), (x_start * (1 - 2.0 ** -23), y), (x_start, y * (1 + 2.0 ** -23))):
         torch.manual_seed(5)
