@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["add_parser", "run", "build_operator", "load_model", "OPERATORS"]
 
-OPERATORS = ("gaussian-blur", "motion-blur", "inpaint-box", "inpaint-random", "super-res", "denoise")
+OPERATORS = ("gaussian-blur", "motion-blur", "blur", "inpaint-box", "inpaint-random", "super-res", "denoise",
+             "phase-retrieval", "python")
+BLURS = ("gaussian-blur", "motion-blur", "blur")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE = {"auto": None, "on": True, "off": False}
 
@@ -61,7 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="scale the shorter side of inputs of another size to the model's and centre-crop "
                          "(default: such inputs are skipped with a message)")
     task = p.add_argument_group("task (y = A x + sigma_n * noise)")
-    task.add_argument("--operator", choices=OPERATORS, default="gaussian-blur", help="the forward model A")
+    task.add_argument("--operator", choices=OPERATORS, default="gaussian-blur",
+                      help="the forward model A (python: your own, see --operator-fn)")
     task.add_argument("--sigma", type=float, default=3.0, help="gaussian-blur: kernel width in pixels")
     task.add_argument("--kernel-size", type=int, default=None,
                       help="blur kernel size (gaussian: 2*ceil(4 sigma)+1; motion: 61)")
@@ -72,6 +75,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     task.add_argument("--missing", type=float, default=0.7, help="inpaint-random: fraction of missing pixels")
     task.add_argument("--mask-seed", type=int, default=0, help="inpaint-random: mask seed (one mask for all)")
     task.add_argument("--factor", type=int, default=4, help="super-res: downsampling factor")
+    task.add_argument("--boundary", choices=("circular", "reflect", "replicate", "zero"), default=None,
+                      help="blurs: what lies beyond the image edge (default circular; reflect is the DPS code's)")
+    task.add_argument("--filter", choices=("box", "bicubic"), default=None,
+                      help="super-res: block mean (default) or MATLAB/DPS antialiased bicubic")
+    task.add_argument("--kernel", default=None, help="blur: the kernel, a .pt or .npy file [kh, kw]")
+    task.add_argument("--oversample", type=float, default=None,
+                      help="phase-retrieval: zero padding int(oversample / 8 * size) per side (default 2.0)")
+    task.add_argument("--operator-fn", default=None, metavar="MODULE:NAME",
+                      help="python: an importable dps_fast Operator, or a differentiable callable / nn.Module "
+                           "A(x) (wrapped in operators.Differentiable)")
+    task.add_argument("--noise", choices=("gaussian", "poisson"), default="gaussian",
+                      help="measurement noise: gaussian (--sigma-n) or poisson (--rate, as the DPS code)")
+    task.add_argument("--rate", type=float, default=None,
+                      help="poisson: counts per intensity level, 255 * rate at white (default 1.0)")
     task.add_argument("--sigma-n", type=float, default=0.05, help="measurement noise std ([-1, 1] units)")
     model = p.add_argument_group("model")
     model.add_argument("--model", choices=sorted(ADM_CONFIGS), default=None, help="ADM architecture of --checkpoint")
@@ -136,19 +153,77 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict[str
     return model, None, {"model": args.model, "checkpoint": str(Path(args.checkpoint).resolve())}
 
 
+def _load_kernel(path: str) -> torch.Tensor:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--kernel: no file {path!r}")
+    try:
+        if p.suffix == ".npy":
+            import numpy as np
+
+            k = torch.from_numpy(np.load(p))
+        else:
+            k = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file: name the flag and the file
+        raise ValueError(f"--kernel: cannot read a kernel from {path!r}: {exc}") from None
+    if not isinstance(k, torch.Tensor) or k.dim() != 2:
+        raise ValueError(f"--kernel: expected a 2-D tensor [kh, kw] in {path!r}, got "
+                         f"{type(k).__name__} {tuple(getattr(k, 'shape', ()))}")
+    return k.double()
+
+
+def _python_operator(spec: Optional[str]) -> Any:
+    import importlib
+
+    from .. import operators as ops
+
+    if spec is None or ":" not in spec:
+        raise ValueError(f"--operator-fn: expected MODULE:NAME with --operator python, got {spec!r}")
+    mod_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:  # a module beside the user's data, as `python -m` would find it
+        sys.path.append(os.getcwd())
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--operator-fn: cannot import {spec!r}: {exc}") from None
+    if isinstance(obj, ops.Operator):
+        return obj
+    if callable(obj):
+        return ops.Differentiable(obj)
+    raise ValueError(f"--operator-fn: expected an Operator or a callable A(x), got {type(obj).__name__}")
+
+
 def build_operator(args: argparse.Namespace, channels: int, size: Optional[int]) -> Any:
     """The operator of ``--operator`` for ``[C, size, size]`` images."""
     from .. import operators as ops
 
     name = args.operator
+    # flags that belong to other operators are mistakes, not silently ignored settings
+    for flag, value, owners in (("--boundary", getattr(args, "boundary", None), BLURS),
+                                ("--filter", getattr(args, "filter", None), ("super-res",)),
+                                ("--kernel", getattr(args, "kernel", None), ("blur",)),
+                                ("--oversample", getattr(args, "oversample", None), ("phase-retrieval",)),
+                                ("--operator-fn", getattr(args, "operator_fn", None), ("python",))):
+        if value is not None and name not in owners:
+            raise ValueError(f"{flag}: only applies to --operator {' / '.join(owners)}, got --operator {name}")
+    boundary = getattr(args, "boundary", None) or "circular"
     if name == "gaussian-blur":
-        return ops.GaussianBlur(args.sigma, args.kernel_size)
+        return ops.GaussianBlur(args.sigma, args.kernel_size, boundary=boundary)
     if name == "motion-blur":
-        return ops.MotionBlur(args.kernel_size or 61, args.intensity, args.kernel_seed)
+        return ops.MotionBlur(args.kernel_size or 61, args.intensity, args.kernel_seed, boundary=boundary)
+    if name == "blur":
+        if args.kernel is None:
+            raise ValueError("--kernel: required with --operator blur (a .pt or .npy file [kh, kw])")
+        return ops.Blur(_load_kernel(args.kernel), boundary=boundary)
     if name == "super-res":
         if size is not None and size % args.factor:
             raise ValueError(f"--factor: the image size {size} is not divisible by {args.factor}")
-        return ops.SuperResolution(args.factor)
+        return ops.SuperResolution(args.factor, filter=getattr(args, "filter", None) or "box")
+    if name == "phase-retrieval":
+        oversample = getattr(args, "oversample", None)
+        return ops.PhaseRetrieval(2.0 if oversample is None else oversample)
+    if name == "python":
+        return _python_operator(getattr(args, "operator_fn", None))
     if name == "denoise":
         return ops.Identity()
     if size is None:
@@ -181,6 +256,16 @@ def _merge_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def _noise_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``noise=``/``rate=`` of :func:`reconstruct`; only passed when not the Gaussian default."""
+    noise, rate = getattr(args, "noise", "gaussian"), getattr(args, "rate", None)
+    if rate is not None and noise != "poisson":
+        raise ValueError(f"--rate: only applies to --noise poisson, got --noise {noise}")
+    if rate is not None and not (rate > 0 and rate < float("inf")):
+        raise ValueError(f"--rate: expected a positive number, got {rate}")
+    return {} if noise == "gaussian" else {"noise": noise, "rate": rate}
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``dps-fast reconstruct``; returns the process exit code."""
     from ..sampler import NonFiniteError
@@ -204,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
             zeta=args.zeta, guidance=args.guidance, samples=args.samples, seed=args.seed,
             batch_size=args.batch_size, device=args.device, backend=args.backend, compile=COMPILE[args.compile],
             autocast=AUTOCAST[args.autocast], clip=args.clip, variance=args.variance, resize=args.resize,
-            measurements=args.measurements, progress=not args.quiet, options=options)
+            measurements=args.measurements, progress=not args.quiet, options=options,
+            **_noise_kwargs(args))
     except NonFiniteError as exc:
         print(f"dps-fast reconstruct: error: {exc}", file=sys.stderr)
         return 1

@@ -53,7 +53,8 @@ from torch import nn
 
 from .. import __version__ as dps_fast_version
 from ..noise import philox_normal, seeds_from
-from ..operators.base import LinearOperator
+from ..operators.base import Operator
+from ..operators.poisson import NOISE_MODELS, PoissonNoise
 from ..sampler import DPS
 from ..schedule import NoiseSchedule
 from . import distributed
@@ -65,7 +66,7 @@ from .metrics import psnr, ssim
 logger = logging.getLogger(__name__)
 
 __all__ = ["reconstruct", "ReconstructSummary", "model_geometry", "probe_step", "item_key", "item_seeds",
-           "simulate_measurement", "environment", "STD_PNG_GAIN", "MANIFEST_FORMAT"]
+           "simulate_measurement", "apply_operator", "noise_model", "environment", "STD_PNG_GAIN", "MANIFEST_FORMAT"]
 
 #: ``std.png`` shows ``clamp(STD_PNG_GAIN * std, 0, 1)`` (std in the model's [-1, 1] units): white
 #: is a standard deviation of 1/8 of the intensity range or more.
@@ -89,14 +90,47 @@ def item_seeds(seed: int, name: str, samples: int) -> torch.Tensor:
     return seeds_from(None, samples, seed=item_key(seed, name))
 
 
-def simulate_measurement(operator: LinearOperator, x: torch.Tensor, sigma_n: float, seed: int,
-                         name: str) -> torch.Tensor:
-    """``y = A x + sigma_n * z`` for one item ``x [C, H, W]``, computed in float64 on the CPU
-    with Philox noise keyed by ``(seed, name)``; returns float32 ``[*y]``."""
-    y = operator(x[None].detach().double().cpu())[0]
+def apply_operator(operator: Operator, x: torch.Tensor) -> torch.Tensor:
+    """``A(x)`` without a graph where the operator must run (``operator.placement()``; default
+    float64 on the CPU, e.g. a ``Differentiable`` module's own device and dtype), on the CPU."""
+    dev, dt = operator.placement() if hasattr(operator, "placement") else (None, None)
+    with torch.no_grad():
+        y = operator(x.detach().to(device=dev or "cpu", dtype=dt or torch.float64))
+    return y.cpu()
+
+
+def noise_model(noise: Union[str, PoissonNoise], rate: Optional[float] = None) -> Optional[PoissonNoise]:
+    """The measurement noise of ``reconstruct``/the CLI: None for "gaussian", a PoissonNoise for
+    "poisson" (``rate`` counts per level, default 1.0) or a given PoissonNoise."""
+    if isinstance(noise, PoissonNoise):
+        if rate is not None:
+            raise ValueError(f"rate: give the rate inside the PoissonNoise, got rate={rate!r} as well")
+        return noise
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"noise: expected one of {NOISE_MODELS} or a PoissonNoise, got {noise!r}")
+    if noise == "gaussian":
+        if rate is not None:
+            raise ValueError(f"rate: only used with noise 'poisson', got rate={rate!r} with noise 'gaussian'")
+        return None
+    return PoissonNoise(1.0 if rate is None else rate)
+
+
+def simulate_measurement(operator: Operator, x: torch.Tensor, sigma_n: float, seed: int,
+                         name: str, noise: Optional[PoissonNoise] = None) -> torch.Tensor:
+    """``y = A x + sigma_n * z`` for one item ``x [C, H, W]``, computed in float64 on the CPU (or
+    on the operator's placement) with Philox noise keyed by ``(seed, name)``; returns float32 ``[*y]``.
+
+    With ``noise`` (Poisson) ``y = noise.sample(A x)`` instead (``sigma_n`` unused), drawn by
+    ``torch.poisson`` with a CPU generator seeded by the same per-item key: reproducible per item,
+    independent of batches and shards.
+    """
+    y = apply_operator(operator, x[None])[0].double()
+    key = item_key(seed, name, "measurement")
+    if noise is not None:
+        return noise.sample(y, torch.Generator().manual_seed(key)).float()
     if sigma_n > 0:
-        key = torch.tensor([item_key(seed, name, "measurement")], dtype=torch.int64)
-        y = y + sigma_n * philox_normal(key, y.numel(), 0, _MEASUREMENT_STREAM, torch.float64).view_as(y)
+        keys = torch.tensor([key], dtype=torch.int64)
+        y = y + sigma_n * philox_normal(keys, y.numel(), 0, _MEASUREMENT_STREAM, torch.float64).view_as(y)
     return y.float()
 
 
@@ -117,8 +151,9 @@ def _model_id(model: Any) -> str:
     return f"{type(model).__name__}:{h.hexdigest()}"
 
 
-def _describe_operator(op: LinearOperator) -> dict[str, Any]:
-    """The operator's type, scalar settings and a hash of each defining tensor (mask, kernel)."""
+def _describe_operator(op: Operator) -> dict[str, Any]:
+    """The operator's type, scalar settings, a hash of each defining tensor (mask, kernel) and
+    what ``op.describe()`` adds (e.g. a ``Differentiable``'s function and weights)."""
     desc: dict[str, Any] = {"type": type(op).__name__, "repr": repr(op)}
     for k, v in sorted(vars(op).items()):
         if k.startswith("_cache"):
@@ -129,6 +164,8 @@ def _describe_operator(op: LinearOperator) -> dict[str, Any]:
             desc[k] = h.hexdigest()
         elif isinstance(v, (int, float, str, bool)) or v is None:
             desc[k] = v
+    if hasattr(op, "describe"):
+        desc.update(op.describe())
     return desc
 
 
@@ -281,14 +318,17 @@ def probe_step(dps: DPS, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
     return step
 
 
-def _write_item(out_dir: Path, item: _Item, operator: LinearOperator, fingerprint: str, rank: int) -> dict:
+def _write_item(out_dir: Path, item: _Item, operator: Operator, fingerprint: str, rank: int,
+                noise: Optional[PoissonNoise] = None) -> dict:
     """All outputs of one finished item; the done marker last. Returns the marker."""
     item.parts.sort(key=lambda p: p[0])
     samples = torch.cat([p[1] for p in item.parts])  # [S, C, H, W]
     rnorm = torch.cat([p[2] for p in item.parts])  # [S]
     mean64 = samples.double().mean(0)
     std64 = samples.double().std(0, unbiased=False) if samples.shape[0] > 1 else torch.zeros_like(mean64)
-    rnorm_mean = float((operator(mean64[None])[0] - item.y.double()).norm())
+    r_mean = apply_operator(operator, mean64[None])[0].double() - item.y.double()
+    # the samples' residual_norm is the sampler's: ||r||_Lambda under Poisson noise
+    rnorm_mean = float((r_mean.abs().square() * (1.0 if noise is None else noise.weight(item.y.double()))).sum().sqrt())
     rows = _metric_rows(item, samples, rnorm, mean64, rnorm_mean, rank)
     folder = item_dir(out_dir, item.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -316,7 +356,7 @@ def _write_item(out_dir: Path, item: _Item, operator: LinearOperator, fingerprin
 
 
 def reconstruct(
-    inputs: Optional[DataSource], out_dir: Union[str, os.PathLike], model: Any, operator: LinearOperator, *,
+    inputs: Optional[DataSource], out_dir: Union[str, os.PathLike], model: Any, operator: Operator, *,
     schedule: Optional[NoiseSchedule] = None, steps: int = 1000, sigma_n: float = 0.05, zeta: float = 1.0,
     guidance: str = "normalized", samples: int = 1, seed: int = 0, batch_size: Union[int, str] = "auto",
     device: Union[str, torch.device, None] = None, backend: str = "auto", compile: Optional[bool] = None,
@@ -325,6 +365,7 @@ def reconstruct(
     progress: bool = True, options: Optional[dict[str, Any]] = None, model_id: Optional[str] = None,
     pad: bool = True, fault: Optional[Callable[[int], None]] = None,
     on_item_done: Optional[Callable[[str], None]] = None,
+    noise: Union[str, PoissonNoise] = "gaussian", rate: Optional[float] = None,
 ) -> ReconstructSummary:
     """Reconstruct every item of a dataset with DPS and write the outputs to ``out_dir``.
 
@@ -334,7 +375,8 @@ def reconstruct(
         out_dir: output folder (created); re-running into it resumes.
         model: ``eps(x_t, t)`` network (an ADMUNet or a ``from_diffusers`` model); moved to the
             run's device.
-        operator: the forward model ``A``.
+        operator: the forward model ``A``: any :class:`~dps_fast.operators.Operator` (e.g. a user
+            module wrapped in ``operators.Differentiable``; it is evaluated on its own device).
         schedule: the sampling schedule (default ``NoiseSchedule.linear(1000).respace(steps)``).
         sigma_n: measurement noise std (simulated measurements and the DPS likelihood).
         zeta, guidance, clip, variance, backend, compile, autocast: passed to :class:`DPS`
@@ -351,6 +393,9 @@ def reconstruct(
         pad: pad every call to the chunk size (bit-reproducible samples across resumes/shards).
         fault: ``fault(rows)`` before each sampler call (tests inject a fake OOM).
         on_item_done: called with an item's name after its done marker is written.
+        noise, rate: "gaussian" (``sigma_n``) or "poisson" with ``rate`` (default 1.0: the DPS
+            code's Poisson noise on [-1, 1] images), or a :class:`~dps_fast.operators.PoissonNoise`;
+            used to simulate measurements and by the sampler's likelihood.
 
     Returns:
         :class:`ReconstructSummary`; ``OUT/metrics.csv`` and ``OUT/manifest.json`` are written by
@@ -362,8 +407,10 @@ def reconstruct(
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     if not (batch_size == "auto" or (isinstance(batch_size, int) and batch_size >= 1)):
         raise ValueError(f"batch_size: expected 'auto' or an int >= 1, got {batch_size!r}")
-    if not isinstance(operator, LinearOperator):
-        raise TypeError(f"operator: expected a dps_fast.operators.LinearOperator, got {type(operator).__name__}")
+    if not isinstance(operator, Operator):
+        raise TypeError(f"operator: expected a dps_fast.operators.Operator (wrap a callable in "
+                        f"operators.Differentiable), got {type(operator).__name__}")
+    poisson = noise_model(noise, rate)
     if inputs is None and measurements is None:
         raise ValueError("inputs: expected clean inputs, measurements, or both; got neither")
     t_start = time.perf_counter()
@@ -378,7 +425,7 @@ def reconstruct(
     paths = dataset.paths if dataset is not None else [None] * len(names)
     if channels is not None and size is not None:
         x_shape = (1, channels, size, size)
-        y_shape = tuple(operator(torch.zeros(x_shape, dtype=torch.float64)).shape[1:])
+        y_shape = tuple(apply_operator(operator, torch.zeros(x_shape)).shape[1:])
     else:
         x_shape = y_shape = None
     if schedule is None:
@@ -390,6 +437,8 @@ def reconstruct(
         "image_size": size, "channels": channels, "autocast": str(autocast) if autocast else None,
         "measurements": "given" if given is not None else "simulated",
     }
+    if poisson is not None:  # only then: Gaussian runs keep the fingerprints of earlier versions
+        settings["noise"] = repr(poisson)
     fingerprint = _fingerprint(settings)
     previous = read_json(out / MANIFEST)
     if previous is not None and previous.get("fingerprint") != fingerprint:
@@ -408,7 +457,7 @@ def reconstruct(
             model = model.to(dev).eval()
         dps = DPS(model, schedule, operator, zeta=zeta, sigma_n=sigma_n, guidance=guidance,
                   clip_x0=(-1.0, 1.0) if clip else None, variance=variance, backend=backend,
-                  compile=compile, autocast=autocast)
+                  compile=compile, autocast=autocast, noise=poisson if poisson is not None else "gaussian")
         done_before = {r["name"] for r in distributed.collect_done(out, fingerprint)}
         pending = [i for i, n in enumerate(names) if n not in done_before]
         # Every rank has listed the pending work before anyone writes a done marker.
@@ -469,7 +518,7 @@ def reconstruct(
 
         def out_shape(xs: tuple[int, ...]) -> tuple[int, ...]:
             if xs not in shapes:
-                shapes[xs] = tuple(operator(torch.zeros((1,) + xs, dtype=torch.float64)).shape[1:])
+                shapes[xs] = tuple(apply_operator(operator, torch.zeros((1,) + xs)).shape[1:])
             return shapes[xs]
 
         def items() -> Iterator[_Item]:
@@ -480,7 +529,7 @@ def reconstruct(
                     if given is not None:
                         y = given.load(name, i)
                     else:
-                        y = simulate_measurement(operator, x, sigma_n, seed, name)
+                        y = simulate_measurement(operator, x, sigma_n, seed, name, poisson)
                     want = out_shape(tuple(x.shape)) if x is not None else y_shape
                     if want is not None and tuple(y.shape) != want:
                         raise InputError(f"{name}: measurement of shape {tuple(y.shape)}, expected {want} "
@@ -518,7 +567,7 @@ def reconstruct(
                 item.parts.append((job.start, smp, rn))
                 item.seconds += dt * job.count / real
                 if job.stop == samples:
-                    _write_item(out, item, operator, fingerprint, ctx.rank)
+                    _write_item(out, item, operator, fingerprint, ctx.rank, poisson)
                     item.parts.clear()
                     finished += 1
                     bar.update(1)
