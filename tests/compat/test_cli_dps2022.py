@@ -290,12 +290,40 @@ def test_cli_runs_their_operators(tmp_path, tiny32, capsys, operator, extra, met
 
 
 @needs_fixture
-def test_cli_rng_torch_runs_one_image_at_a_time(tmp_path, tiny32, capsys):
+def test_cli_rng_torch_is_their_script_seeded_per_image(tmp_path, tiny32, capsys):
+    """--rng torch == their sample_condition.py loop body, seeded with (seed + i), on the drop-in."""
+    import functools
+
+    from dps_fast.compat.dps2022.tasks import list_images, load_image
+    from tests.compat.standins import GaussianNoise, InpaintingOperator, PosteriorSampling, create_unet
+
     argv = _write_setup(tmp_path, tiny32, n_images=2, respacing=3)
-    assert main(argv + ["--rng", "torch"]) == 0, capsys.readouterr().err
+    assert main(argv + ["--rng", "torch", "--seed", "5"]) == 0, capsys.readouterr().err
     out = tmp_path / "results" / "inpainting"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["batch"]["rows"] == 1 and manifest["settings"]["rng"] == "torch"
+    assert json.loads((out / "manifest.json").read_text())["batch"]["rows"] == 1
+    model = create_unet(**tiny32["config"])
+    model.load_state_dict(tiny32["state_dict"])
+    model.eval()
+    op, noiser = InpaintingOperator("cpu"), GaussianNoise(0.05)
+    cond = PosteriorSampling(op, noiser, scale=0.5)
+    sampler = create_sampler(sampler="ddpm", steps=1000, noise_schedule="linear", model_mean_type="epsilon",
+                             model_var_type="learned_range", dynamic_threshold=False, clip_denoised=True,
+                             rescale_timesteps=False, timestep_respacing=3, rng="torch", progress=False)
+    gen = MaskGenerator("random", mask_prob_range=(0.3, 0.7), image_size=32)
+    for i, path in enumerate(list_images(str(tmp_path / "data"))):
+        torch.manual_seed(5 + i)
+        np.random.seed(5 + i)
+        ref_img = load_image(path)[None]
+        mask = gen(np.random)  # their mask_gen(ref_img)[:, 0].unsqueeze(0): [1, 1, S, S]
+        y_n = noiser(op.forward(ref_img, mask=mask))
+        x_start = torch.randn(ref_img.shape)
+        sample = sampler.p_sample_loop(model, x_start, y_n, functools.partial(cond.conditioning, mask=mask),
+                                       record=False, save_root=None)
+        got = torch.load(out / "items" / f"{i:05d}" / "tensors.pt", weights_only=True)
+        torch.testing.assert_close(got["measurement"], y_n[0], rtol=0, atol=0)
+        # same draws; the command's one-mask-per-image operator rounds like the single mask
+        # operator up to float32 ulps, which 3 guided steps amplify to ~1e-6
+        assert float((got["recon"] - sample[0]).norm() / sample.norm()) < 1e-5
 
 
 @needs_fixture

@@ -119,12 +119,15 @@ def list_images(root: str) -> list[str]:
 
 
 def load_image(path: str) -> torch.Tensor:
-    """``[3, H, W]`` float32 in [-1, 1]: RGB, ``ToTensor`` then ``Normalize(0.5, 0.5)``."""
+    """``[3, H, W]`` float32 in [-1, 1]: RGB, ``ToTensor`` then ``Normalize(0.5, 0.5)``.
+
+    Contiguous, as ``ToTensor`` returns it: torch's CPU generator draws differently for strided
+    tensors, so ``--rng torch`` needs their memory layout to draw their numbers."""
     from PIL import Image
 
     with Image.open(path) as im:
         a = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    t = torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255)
+    t = torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous().float().div(255)
     return (t - 0.5) / 0.5
 
 
