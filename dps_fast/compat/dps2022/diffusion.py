@@ -20,7 +20,9 @@ Randomness: ``rng="philox"`` (default) draws from dps_fast's counter-based strea
 seed per image (batch-independent, resumable; the fused and formula paths draw the same
 numbers); ``rng="torch"`` draws with ``torch.randn_like``/``torch.rand_like`` in their order
 (per step: the reverse-step noise, then ``q_sample``'s noise, then ps+'s perturbations), so for
-the same torch seed and ``x_start`` the samples equal their code's up to float rounding.
+the same torch seed and ``x_start`` the samples equal their code's up to float rounding. The draws
+are ``randn_like`` of the state and the measurement as given (torch's CPU generator fills strided
+tensors with other numbers than contiguous ones, so their memory layout is kept).
 
 Example:
     >>> from dps_fast.compat.dps2022 import create_sampler
