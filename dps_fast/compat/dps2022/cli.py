@@ -31,10 +31,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .recognize import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +330,8 @@ def _poisson(y: torch.Tensor, rate: float, rng: Any) -> torch.Tensor:
     return (counts * 2.0 - 1.0).clamp(-1, 1)
 
 
-def _conditioning(task: Any, op: Any, project: Any) -> Any:
+def _conditioning(task: Any, op: Any, project: Any) -> "Conditioning":
+    """The conditioning of a task config (their method, scale, noise) on a dps_fast operator."""
     from .recognize import Conditioning
 
     return Conditioning(task.method, scale=task.scale, num_sampling=task.num_sampling, noise=task.noise,

@@ -41,7 +41,7 @@ import logging
 import math
 import os
 import weakref
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -579,15 +579,15 @@ class _Chain:
         return None if ny is None else self.d._q_sample(self.y, i, ny)
 
     # fused: one DPS step per iteration ---------------------------------------------------------
-    def _fused_steps(self, x: torch.Tensor, idx: Any) -> Any:
+    def _fused_steps(self, x: torch.Tensor, idx: Iterator[int]) -> Iterator[tuple[int, torch.Tensor]]:
         d, cond = self.d, self.cond
         y = self.y.to(x.dtype)
         zeta: Union[float, torch.Tensor] = cond.scale
         if cond.noise == "poisson":  # grad of ||r|| mean(1/|y|) = mean(1/|y|) grad ||r||, per sample
             zeta = cond.scale * (1.0 / self.y.abs().double()).flatten(1).mean(1)
-        variance = "fixed_small" if d.model_var_type == "fixed_small" else d.model_var_type
+        # sigma_n only enters "squared" guidance; their step is "normalized" (zeta grad ||r||)
         dps = DPS(self.net, d.schedule, self.fast_op, zeta=zeta, sigma_n=cond.sigma or 1.0, guidance="normalized",
-                  clip_x0=(-1.0, 1.0) if d.clip_denoised else None, variance=variance, backend=d.backend,
+                  clip_x0=(-1.0, 1.0) if d.clip_denoised else None, variance=d.model_var_type, backend=d.backend,
                   compile=False, autocast=d.autocast)
         p, _ = dps.prepare(y, 1, seeds=self.seeds.cpu().view(-1, 1))
         be = dps.backend(x.device)
@@ -630,7 +630,7 @@ class _Chain:
         return (x_next - gscale * grad).detach(), rnorm2
 
     # formula: their formulas, autograd through the step --------------------------------------
-    def _formula_steps(self, x: torch.Tensor, idx: Any) -> Any:
+    def _formula_steps(self, x: torch.Tensor, idx: Iterator[int]) -> Iterator[tuple[int, torch.Tensor]]:
         cond, d = self.cond, self.d
         needs_grad = cond.method in ("ps", "ps+", "mcg")
         with frozen_weights(self.net):
@@ -663,7 +663,7 @@ class _Chain:
         return self.cond.project
 
     # callback: their function, called as their loop calls it ----------------------------------
-    def _callback_steps(self, x: torch.Tensor, idx: Any) -> Any:
+    def _callback_steps(self, x: torch.Tensor, idx: Iterator[int]) -> Iterator[tuple[int, torch.Tensor]]:
         d, fn = self.d, self.cond.fn
         call = _adapt_call(fn)
         with frozen_weights(self.net):
