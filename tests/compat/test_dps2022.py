@@ -426,6 +426,7 @@ def test_ddim_with_guidance_stays_finite_and_fits_the_measurement():
 
 # ---- packaging ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["dps_fast.compat.dps2022", "dps_fast.compat.dps2022.diffusion",
+                                  "dps_fast.compat.dps2022.chain", "dps_fast.compat.dps2022.tasks",
                                   "dps_fast.compat.dps2022.images", "dps_fast.compat.dps2022.methods",
                                   "dps_fast.compat.dps2022.recognize", "dps_fast.compat.dps2022.unet"])
 def test_docstring_examples(name):

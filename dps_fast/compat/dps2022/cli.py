@@ -316,7 +316,7 @@ def _simulate(task: Any, op: Any, x: torch.Tensor, args: argparse.Namespace, dev
         return y
     y = op.forward(x[None].double())[0]
     if task.noise == "gaussian" and task.sigma > 0:
-        key = torch.tensor([_key(args.seed, path, "measurement")])
+        key = torch.tensor([_key(args.seed, path, "measurement")])  # its own key: no overlap with samples
         y = y + task.sigma * philox_normal(key, y.numel(), 0, 2, torch.float64).view_as(y)
     elif task.noise == "poisson":
         y = _poisson(y, task.rate, np.random.default_rng(_key(args.seed, path, "measurement")))

@@ -120,10 +120,12 @@ def inspect_conditioning(fn: Any) -> Conditioning:
     num = getattr(obj, "num_sampling", 5)
     noiser = getattr(obj, "noiser", None)
     sigma = getattr(noiser, "sigma", None)
-    project = None
+    project: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
     if callable(getattr(obj, "project", None)):
-        def project(data: torch.Tensor, noisy: torch.Tensor, _obj: Any = obj, _kw: dict = kwargs) -> torch.Tensor:
+        def their_project(data: torch.Tensor, noisy: torch.Tensor, _obj: Any = obj, _kw: dict = kwargs) -> torch.Tensor:
             return _obj.project(data=data, noisy_measurement=noisy, **_kw)
+
+        project = their_project
 
     def forward(x: torch.Tensor, _op: Any = operator, _kw: dict = kwargs) -> torch.Tensor:
         return _op.forward(x, **_kw)

@@ -226,8 +226,7 @@ class Task:
         'projection'): the base class ``(I - A^T A) y - A x`` with ``A^T = I`` for the blurs,
         ``(1 - m) y - m x`` for inpainting, ``x - up(A x) + up(y)`` (nearest) for super-resolution,
         ``x`` for denoising."""
-        name, a = self.operator_name, self.operator_args
-        if name != "inpainting":  # one operator for every batch (its FFT plans and kernels cached)
+        if self.operator_name != "inpainting":  # one operator for every batch (its FFT plans and kernels cached)
             if image_size not in self._built:
                 self._built[image_size] = self._build(image_size, None)
             return self._built[image_size]
