@@ -188,5 +188,6 @@ def test_triton_spectral_stage_is_called_for_a_reflect_blur(monkeypatch):
     monkeypatch.setattr(triton_ops, "spectral_residual", lambda *a: calls.append(1) or real(*a))
     A, net, y = _step_problem("reflect")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    DPS(net.to(dev), NoiseSchedule.linear(1000).respace(2), A, backend="triton", compile=False).sample(y.to(dev), seed=0)
+    sched = NoiseSchedule.linear(1000).respace(2)
+    DPS(net.to(dev), sched, A, backend="triton", compile=False).sample(y.to(dev), seed=0)
     assert len(calls) == 2  # one guided step and the final x0hat step

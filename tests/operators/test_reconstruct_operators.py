@@ -28,7 +28,8 @@ class SoftBlur(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
         with torch.no_grad():
-            self.conv.weight.copy_(torch.rand(self.conv.weight.shape, generator=torch.Generator().manual_seed(seed)) / 4)
+            g = torch.Generator().manual_seed(seed)
+            self.conv.weight.copy_(torch.rand(self.conv.weight.shape, generator=g) / 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.conv(x))
