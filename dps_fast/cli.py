@@ -38,6 +38,7 @@ USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 def build_parser() -> argparse.ArgumentParser:
     from . import demo, explore, fidelity_cli
+    from .compat.dps2022 import cli as compat_cli
     from .reconstruct import cli as reconstruct_cli
 
     parser = argparse.ArgumentParser(prog="dps-fast", description=DESCRIPTION, epilog=EXIT_CODES,
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_parser(sub)
     reconstruct_cli.add_parser(sub)
     fidelity_cli.add_parser(sub)
+    compat_cli.add_parser(sub)
     return parser
 
 
