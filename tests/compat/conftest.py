@@ -11,17 +11,13 @@ import torch
 from tests.compat.standins import create_unet
 
 
-def _fixture_file() -> Path | None:
-    repo = Path(__file__).resolve().parents[2]
-    for root in (repo / ".." / "shared", repo / "shared"):
-        f = root / "fixtures" / "adm" / "adm_tiny32_conformance.pt"
-        if f.parent.is_dir():
-            return f
-    return None
+# The tiny32 conformance weights live in the repository (tests/fixtures/adm, a copy of the shared
+# fixtures with their key layout), so a fresh clone runs these tests: a missing file fails.
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "adm" / "adm_tiny32_conformance.pt"
 
 
-FIXTURE = _fixture_file()
-needs_fixture = pytest.mark.skipif(FIXTURE is None, reason="shared/fixtures/adm not present")
+def needs_fixture(test):  # kept so the tests read as before; the fixture is always there now
+    return test
 
 
 def diffusion_config(**over) -> dict:

@@ -163,7 +163,7 @@ def test_yaml_loader_refuses_other_python_tags(tmp_path):
 
 
 def test_gaussian_kernel_is_their_scipy_kernel():
-    ndimage = pytest.importorskip("scipy.ndimage")
+    from scipy import ndimage  # a test dependency (pyproject [test]): an independent reference
     for k, std in ((61, 3.0), (61, 10.0), (9, 0.7)):  # 10.0: taps reach the edge and fold back (reflect)
         delta = np.zeros((k, k))
         delta[k // 2, k // 2] = 1
