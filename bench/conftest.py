@@ -42,6 +42,15 @@ SUMMARY_KEYS = (
     "best_ours", "best_ours_images_per_s", "best_original", "best_original_images_per_s",
     "speedup_vs_original_best", "meets_target", "best_ours_pct_of_bf16_matmul",
 )
+#: any other scalar extra_info key naming a ratio is printed after those (the suites of the
+#: operators, methods, fidelity and dps2022 name theirs e.g. ratio_vs_circular, sw2_over_floor)
+_RATIO_WORDS = ("ratio", "speedup", "_over_", "_vs_", "pct")
+
+
+def _summary_keys(info: dict) -> list[str]:
+    extra = [k for k in info if k not in SUMMARY_KEYS and any(w in k for w in _RATIO_WORDS)
+             and isinstance(info[k], (int, float)) and not isinstance(info[k], bool)]
+    return [k for k in SUMMARY_KEYS if info.get(k) is not None] + extra
 _ROWS = pytest.StashKey[list]()
 
 
@@ -80,5 +89,5 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.section("dps_fast ratios (extra_info; absolute times above are for reference only)")
     for r in rows:
         info = r["extra_info"]
-        parts = [f"{k}={_fmt(info[k])}" for k in SUMMARY_KEYS if info.get(k) is not None]
+        parts = [f"{k}={_fmt(info[k])}" for k in _summary_keys(info)]
         terminalreporter.write_line(f"{r['name']}: " + (", ".join(parts) if parts else "(no ratio recorded)"))

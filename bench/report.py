@@ -34,7 +34,13 @@ KEYS = ["variant", "impl", "op", "dtype", "batch", "gbps", "pct_of_copy", "speed
 
 SECTIONS = [("test_step.py", "Step variants (phase b)"), ("test_kernels.py", "Kernels (phase c)"),
             ("test_max_batch.py", "Max batch (phase d)"),
-            ("test_reconstruct_throughput.py", "Reconstruct throughput (phase e)")]
+            ("test_reconstruct_throughput.py", "Reconstruct throughput (phase e)"),
+            ("test_sampler_cpu.py", "Fast path vs autograd reference (CPU)"),
+            ("test_operators_cpu.py", "Operators: boundaries and the generic path"),
+            ("test_chain.py", "Shared chain loop"), ("test_dps2022.py", "DPS2022 drop-in vs their loop"),
+            ("test_fidelity.py", "Methods against exact posteriors")]
+#: other scalar extra_info keys that name a ratio get a column too (as in bench/conftest.py's summary)
+RATIO_WORDS = ("ratio", "speedup", "_over_", "_vs_", "pct")
 
 
 def _num(v: Any) -> Optional[float]:
@@ -135,12 +141,15 @@ def auto_vs_best_fixed(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    cols = ["name", "median_ms"] + [k for k in KEYS if any(r.get("extra_info", {}).get(k) is not None for r in rows)]
+    extra = sorted({k for r in rows for k, v in r.get("extra_info", {}).items()
+                    if k not in KEYS and any(w in k for w in RATIO_WORDS) and _num(v) is not None})
+    keys = KEYS + extra
+    cols = ["name", "median_ms"] + [k for k in keys if any(r.get("extra_info", {}).get(k) is not None for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         info = r.get("extra_info", {})
         vals = {"name": r["name"], "median_ms": 1e3 * r["median_s"] if _num(r.get("median_s")) is not None else None}
-        vals.update({k: info.get(k) for k in KEYS})
+        vals.update({k: info.get(k) for k in keys})
         lines.append("| " + " | ".join(_fmt(vals.get(c)) if vals.get(c) is not None else "" for c in cols) + " |")
     return lines
 
