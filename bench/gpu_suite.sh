@@ -26,9 +26,12 @@
 #                                      compile of forward + backward (dynamic batch, so one for batch 8
 #                                      and 32), 60-120 s, the usual cold compile of a ~100M-parameter UNet
 #   a' smoke (CUDA ext)  30     5-10    waits for the build (normally finished), 13 op checks
-#   c  kernels          75    45-70    bench/test_kernels.py: ~45 cases x (pytest-benchmark <= 0.5 s +
+#   c  kernels          90    55-85    bench/test_kernels.py: ~45 cases x (pytest-benchmark <= 0.5 s +
 #                                      CUDA-event timings) on 96 MiB states; ~12 new Triton specializations
-#                                      (192 blocks per sample instead of the smoke's 1 and 7)
+#                                      (192 blocks per sample instead of the smoke's 1 and 7); then
+#                                      bench/test_operators_cpu.py (same cases on the GPU): the four blur
+#                                      boundaries' normal residual at [32, 3, 256, 256] (4 FFTs of 320^2
+#                                      each, ~ms) and a user-operator step at [8, 3, 64, 64]: ~10-15 s
 #   d  max batch        60    20-40    ours: doubling 8 .. ~1024 + 4 bisections, each one bf16 step of
 #                                      <= 2 s; the original's maximum comes from phase b
 #   e  reconstruct      60    30-45    warm-up + batches 32, 16, 8 x 2 runs (32 images x 8 bf16 steps,
@@ -36,7 +39,7 @@
 #   f  GPU tests        70    40-60    pytest -m gpu tests: <= 40 Triton specializations (counted on the
 #                                      CPU by tests/test_gpu_suite.py) + one inductor compile of a
 #                                      two-layer net (~15-25 s)
-#   total              420   310-470: SUITE_S caps it, so if the estimates run high the last phase
+#   total              420   320-485: SUITE_S caps it, so if the estimates run high the last phase
 #                                      (f, the tests) is the one cut; every earlier result is kept
 #
 # Environment: SUITE_S, BUILD_S, SMOKE_S, HEADLINE_S, SMOKE_CUDA_S, KERNELS_S, MAXBATCH_S, RECON_S,
@@ -62,11 +65,11 @@ export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 if [ -n "${DRY_RUN:-}" ]; then
   # the plumbing, not the numbers: small cases, one thread (OpenMP threads spinning on a shared
   # 2-core machine made the CPU smoke step 15x slower)
-  export DPS_BENCH_QUICK=1 DPS_SMOKE_QUICK=1 OMP_NUM_THREADS=1
+  export DPS_BENCH_QUICK=1 DPS_SMOKE_QUICK=1 OMP_NUM_THREADS=1 DPS_BENCH_BLUR_BATCH=2
 fi
 SUITE_S=${SUITE_S:-420}
 BUILD_S=${BUILD_S:-150}; SMOKE_S=${SMOKE_S:-60}; HEADLINE_S=${HEADLINE_S:-210}; SMOKE_CUDA_S=${SMOKE_CUDA_S:-30}
-KERNELS_S=${KERNELS_S:-75}; MAXBATCH_S=${MAXBATCH_S:-60}; RECON_S=${RECON_S:-60}; TESTS_S=${TESTS_S:-70}
+KERNELS_S=${KERNELS_S:-90}; MAXBATCH_S=${MAXBATCH_S:-60}; RECON_S=${RECON_S:-60}; TESTS_S=${TESTS_S:-70}
 RESERVE_S=10  # kept back at every phase for the final report
 OUT_FILES="report.md report.json bench.jsonl smoke.txt suite.log build.log tests.xml"  # $OUT takes 8 at most
 
@@ -185,7 +188,7 @@ sync_out
 run_phase smoke_cuda "$SMOKE_CUDA_S" 1 "$PY" bench/gpu_smoke.py --part cuda --results "$RES"
 
 # ---- c. kernel bandwidth, d. max batch, e. reconstruct -----------------------------------------
-run_phase kernels "$KERNELS_S" 0 "${BENCH[@]}" bench/test_kernels.py
+run_phase kernels "$KERNELS_S" 0 "${BENCH[@]}" bench/test_kernels.py bench/test_operators_cpu.py
 run_phase max_batch "$MAXBATCH_S" 0 "${BENCH[@]}" bench/test_max_batch.py
 run_phase reconstruct "$RECON_S" 0 "${BENCH[@]}" bench/test_reconstruct_throughput.py
 
