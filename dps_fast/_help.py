@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["HelpFormatter", "non_negative_float", "positive_float", "positive_int", "EXIT_CODES"]
+__all__ = ["HelpFormatter", "non_negative_float", "positive_float", "positive_int", "batch_size", "EXIT_CODES"]
 
 #: Documented in ``dps-fast --help`` and the README.
 EXIT_CODES = """exit codes:
@@ -46,3 +46,16 @@ def _number(kind: type, test, expected: str):
 non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+
+
+def batch_size(value: str) -> "int | str":
+    """``--batch-size``: ``auto`` or a positive integer."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}")
+    return n

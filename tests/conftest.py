@@ -27,3 +27,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small chains and CLI runs: on the shared 2-core CI
+    machine a second OpenMP thread only oversubscribes (one tiny32 forward + VJP took 1.6-7 s
+    instead of 0.07 s; a compile-count test 45 s instead of ~10 s). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

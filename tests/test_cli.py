@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dps_fast.cli import main
 from dps_fast.models import ADMUNet
@@ -25,13 +24,7 @@ from dps_fast.reconstruct.data import MANIFEST, METRICS
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: a second intra-op thread only adds overhead on the 2-core CI machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png(path: Path, seed: int = 0, size: int = 32) -> Path:

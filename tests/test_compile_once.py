@@ -16,14 +16,7 @@ from tests.models.test_wrapper import CountingBackend
 from tests.nets import TinyEps, UntrainedDPS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The 2-thread OpenMP pool spins when the 2-core CI machine is shared: this test took 45 s
-    # instead of ~10 s in a loaded full-suite run. One thread measures nothing here; it only counts.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny32() -> ADMUNet:

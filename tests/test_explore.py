@@ -27,12 +27,7 @@ needs_browser = pytest.mark.skipif(find_chromium() is None and os.environ.get("D
                                    reason="chromium is not installed (.ci/run installs it)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the scan -----------------------------------------------------------------------------------

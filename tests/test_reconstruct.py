@@ -39,12 +39,7 @@ BATCH = 2
 SUBPROCESS_TIMEOUT = 240
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_png(path: Path, seed: int, size: tuple[int, int] = (32, 32)) -> None:

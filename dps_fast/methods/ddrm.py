@@ -40,7 +40,7 @@ from ..profiling import nvtx_range
 from ..sampler import DPS
 from ..schedule import Coef, NoiseSchedule
 from .base import ChainMethod, check_float, ops_of, residual
-from .svd import svd_view
+from .svd import measured_spectrum, svd_view
 
 __all__ = ["DDRM"]
 
@@ -75,7 +75,7 @@ class DDRM(ChainMethod):
         self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
         operator: LinearOperator, eta: float = 0.85, eta_b: float = 1.0, sigma_n: float = 0.05,
         rcond: float = 1e-3, backend: str = "auto", compile: Optional[Union[bool, dict]] = None,
-        autocast: Optional[torch.dtype] = None, channels_last: bool = False, check_every: Optional[int] = None,
+        autocast: Optional[torch.dtype] = None, channels_last: Optional[bool] = None, check_every: Optional[int] = None,
         checkpointing: Optional[bool] = None,
     ) -> None:
         self.eta = check_float(eta, "eta", 0.0, 1.0)
@@ -100,14 +100,7 @@ class DDRM(ChainMethod):
         return sa, math.sqrt(1.0 - sa * sa) / sa
 
     def _setup(self, backend: Backend, p: StepProblem) -> dict:
-        y = p.meas.y
-        x_shape = tuple(self.operator.input_shape(tuple(y.shape)))
-        like = torch.zeros((), dtype=y.real.dtype, device=y.device).expand(x_shape)
-        s = self.view.singular(like)
-        uty = self.view.ut(y, x_shape)
-        s_safe = torch.where(s > 0, s, torch.ones_like(s))
-        return {"s": s, "s_safe": s_safe, "uty": uty,
-                "ybar": torch.where(s > 0, uty / s_safe, torch.zeros_like(uty))}
+        return measured_spectrum(self.view, self.operator, p.meas.y)
 
     def _init_x(self, p: StepProblem, x: torch.Tensor, state: dict) -> None:
         sa, sig = self._sigma(self.schedule.num_steps - 1)

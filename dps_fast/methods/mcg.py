@@ -39,7 +39,7 @@ from ..operators.base import LinearOperator
 from ..sampler import DPS
 from ..schedule import Coef, NoiseSchedule
 from .base import ChainMethod, residual
-from .svd import project, svd_view
+from .svd import measured_spectrum, project, svd_view
 
 __all__ = ["MCG", "MCG_OPERATORS"]
 
@@ -76,7 +76,7 @@ class MCG(ChainMethod):
         sigma_n: float = 0.05, guidance: Union[str, Sequence[str]] = "squared",
         clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
         backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
-        channels_last: bool = False, check_every: Optional[int] = None, checkpointing: Optional[bool] = None,
+        channels_last: Optional[bool] = None, check_every: Optional[int] = None, checkpointing: Optional[bool] = None,
     ) -> None:
         engine = DPS(model, schedule, operator, zeta=zeta, sigma_n=sigma_n, guidance=guidance, clip_x0=clip_x0,
                      variance=variance, backend=backend, compile=compile, autocast=autocast,
@@ -92,13 +92,7 @@ class MCG(ChainMethod):
         return f"the guidance step is too large for this problem; try a smaller zeta (now {self.zeta!r})"
 
     def _setup(self, backend: Backend, p: StepProblem) -> dict:
-        y = p.meas.y
-        x_shape = tuple(self.operator.input_shape(tuple(y.shape)))
-        like = torch.zeros((), dtype=y.real.dtype, device=y.device).expand(x_shape)
-        s = self.view.singular(like)
-        uty = self.view.ut(y, x_shape)
-        ybar = torch.where(s > 0, uty / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(uty))
-        return {"ybar": ybar}
+        return {"ybar": measured_spectrum(self.view, self.operator, p.meas.y)["ybar"]}
 
     def _project(self, x: torch.Tensor, i: int, state: dict, z: torch.Tensor) -> torch.Tensor:
         """Project ``x`` onto ``{A x = y_{i-1}}``, ``y_{i-1} = sqrt(abar') y + sqrt(1 - abar') A z``."""

@@ -78,7 +78,7 @@ class PiGDM(ChainMethod):
         operator: LinearOperator, zeta: Union[float, Sequence[float], torch.Tensor] = 1.0, sigma_n: float = 0.05,
         clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None, rcond: float = 1e-3,
         backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
-        channels_last: bool = False, check_every: Optional[int] = None, checkpointing: Optional[bool] = None,
+        channels_last: Optional[bool] = None, check_every: Optional[int] = None, checkpointing: Optional[bool] = None,
     ) -> None:
         sigma_n = check_float(sigma_n, "sigma_n")
         rcond = check_float(rcond, "rcond", 0.0, 1.0)

@@ -46,7 +46,7 @@ import torch
 from ..operators import Blur, GaussianBlur, Identity, Inpainting, Matrix, MotionBlur, SubsampledFourier, SuperResolution
 from ..operators.base import LinearOperator
 
-__all__ = ["SVDView", "svd_view", "SUPPORTED", "regularized_pinv", "project"]
+__all__ = ["SVDView", "svd_view", "SUPPORTED", "measured_spectrum", "regularized_pinv", "project"]
 
 
 def _fft_dims(x_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -280,6 +280,18 @@ def svd_view(operator: LinearOperator, method: str, allowed: Optional[tuple[type
                                   + (" (box)" if k is SuperResolution else "") for k in kinds}))
         raise TypeError(f"operator: {method} supports {names}; got {operator!r}{reason}")
     return SUPPORTED[cls](operator, rcond)
+
+
+def measured_spectrum(view: SVDView, operator: LinearOperator, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What MCG and DDRM precompute once per run from ``y`` ``[N, *out]``, in ``V``'s basis: the
+    singular values ``s`` (``[N, *x]``-broadcastable), ``s_safe`` (``s`` with zeros replaced by 1),
+    ``uty = U^T y`` and ``ybar = U^T y / s`` on the measured coordinates (0 elsewhere)."""
+    x_shape = tuple(operator.input_shape(tuple(y.shape)))
+    like = torch.zeros((), dtype=y.real.dtype, device=y.device).expand(x_shape)
+    s = view.singular(like)
+    uty = view.ut(y, x_shape)
+    s_safe = torch.where(s > 0, s, torch.ones_like(s))
+    return {"s": s, "s_safe": s_safe, "uty": uty, "ybar": torch.where(s > 0, uty / s_safe, torch.zeros_like(uty))}
 
 
 def regularized_pinv(view: SVDView, x0hat: torch.Tensor, uty: torch.Tensor, r2: float, sigma2: float) -> torch.Tensor:

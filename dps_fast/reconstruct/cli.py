@@ -15,11 +15,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
-from .._help import HelpFormatter, non_negative_float, positive_float, positive_int
+from .._help import HelpFormatter, batch_size, non_negative_float, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +62,6 @@ examples:
   dps-fast reconstruct faces/ --out smoke --model tiny32 --random-weights --steps 4 --device cpu
   torchrun --nproc-per-node 8 -m dps_fast.cli reconstruct faces/ --out runs/blur ...
   dps-fast reconstruct --out runs/blur --merge-only      # rebuild metrics.csv, show the status"""
-
-
-def _batch_size(value: str) -> Union[int, str]:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}")
-    return n
 
 
 def add_task_options(p: argparse.ArgumentParser) -> None:
@@ -157,7 +145,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sampler.add_argument("--seed", type=int, default=0,
                          help="root seed (each input's seeds derive from it and its name)")
     run_ = p.add_argument_group("execution")
-    run_.add_argument("--batch-size", type=_batch_size, default="auto",
+    run_.add_argument("--batch-size", type=batch_size, default="auto",
                       help="images per sampler call, or auto (CUDA: fit the free memory; CPU: max(1, 8 // samples))")
     run_.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; "
                                                      "torchrun: cuda:LOCAL_RANK)")

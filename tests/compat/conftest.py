@@ -30,13 +30,8 @@ def diffusion_config(**over) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these small chains: on the shared 2-core CI machine two threads
-    made one tiny32 forward + VJP take 1.6-7 s instead of 0.07 s (oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every compat test runs its small chains on one thread (tests/conftest.py's one_thread)."""
 
 
 @pytest.fixture(scope="session")

@@ -38,12 +38,7 @@ class SoftBlur(nn.Module):
 SQUARE_OPERATOR = operators.Differentiable(lambda x: x * x.abs())  # importable by --operator-fn
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

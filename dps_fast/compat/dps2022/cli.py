@@ -31,10 +31,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
+
+from ..._help import batch_size
 
 if TYPE_CHECKING:
     from .recognize import Conditioning
@@ -46,18 +48,6 @@ __all__ = ["add_parser", "run", "MANIFEST_FORMAT"]
 MANIFEST_FORMAT = 1
 _DIFFUSION_KEYS = ("sampler", "steps", "noise_schedule", "model_mean_type", "model_var_type", "dynamic_threshold",
                    "clip_denoised", "rescale_timesteps", "timestep_respacing", "eta")
-
-
-def _batch_size(value: str) -> Union[int, str]:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {value!r}")
-    return n
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -72,7 +62,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--task_config", required=True, help="their task config YAML (conditioning, data, measurement)")
     p.add_argument("--gpu", type=int, default=0, help="CUDA device index (CPU when CUDA is unavailable)")
     p.add_argument("--save_dir", default="./results", help="output root; images go to SAVE_DIR/<operator name>/")
-    p.add_argument("--batch-size", type=_batch_size, default="auto",
+    p.add_argument("--batch-size", type=batch_size, default="auto",
                    help="images per call, or auto (CUDA: memory probe; CPU: 8)")
     p.add_argument("--seed", type=int, default=0, help="root of the per-image seeds, masks and measurement noise")
     p.add_argument("--rng", choices=("philox", "torch"), default="philox",
