@@ -147,6 +147,7 @@ class _AxisExtension:
         self.n, self.left, self.size = n, left, size
         src = [_source_index(p - left, n, boundary) for p in range(size)]
         self.index = torch.tensor(src, dtype=torch.int64)
+        self._index_on: dict[torch.device, torch.Tensor] = {}
         runs: list[tuple[int, int, int, int]] = []
         p = 0
         while p < size:
@@ -163,6 +164,13 @@ class _AxisExtension:
             runs.append((p, length, q0, 0 if step is None else step))
             p += length
         self.runs = runs
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`index` on ``device`` (copied once per device)."""
+        idx = self._index_on.get(device)
+        if idx is None:
+            idx = self._index_on[device] = self.index.to(device)
+        return idx
 
     def fold(self, wp: torch.Tensor, dim: int) -> torch.Tensor:
         """``E^T`` along ``dim``: ``[.., P, ..]`` -> ``[.., n, ..]``."""
@@ -279,16 +287,8 @@ class Blur(LinearOperator):
             return torch.nn.functional.pad(x, pad, mode=self.boundary)
         out = x
         for d, e in enumerate(ext):
-            out = out.index_select(2 + d, self._index(e, x.device))
+            out = out.index_select(2 + d, e.index_on(x.device))
         return out
-
-    def _index(self, e: _AxisExtension, device: torch.device) -> torch.Tensor:
-        key = ("index", e.n, e.size, torch.device(device))
-        idx = self._cache.get(key)
-        if idx is None:
-            idx = e.index.to(device)
-            self._cache[key] = idx
-        return idx
 
     def fold(self, wp: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """``E^T``: ``[N, C, *P]`` -> ``[N, C, *shape]``, the margins added onto the pixels they copied."""

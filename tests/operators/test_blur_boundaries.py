@@ -19,10 +19,12 @@ from tests.nets import TinyEps, UntrainedDPS
 F64 = torch.float64
 
 # (signal shape, kernel shape): 1-D and 2-D, odd and even sizes and kernels, batch 1 and 7,
-# a 1-pixel axis, kernels larger than the signal
+# a 1-pixel axis, kernels larger than the signal; 4x4 with an 8x9 kernel: both axes pad 4 -> 12 but
+# with different left margins (each axis keeps its own reflection index)
 GEOMETRIES = [
     ((3, 2, 11), (3,)), ((1, 1, 10), (4,)), ((2, 1, 5), (9,)), ((7, 1, 2), (5,)),
     ((2, 3, 9, 8), (5, 4)), ((1, 2, 16, 13), (7, 7)), ((2, 1, 1, 6), (3, 3)), ((1, 1, 4, 5), (9, 8)),
+    ((1, 1, 4, 4), (8, 9)),
 ]
 GEO_IDS = [f"{'x'.join(map(str, s))}-k{'x'.join(map(str, k))}" for s, k in GEOMETRIES]
 CASES = [(b, s, k) for b in BOUNDARIES for s, k in GEOMETRIES]
