@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ._help import HelpFormatter, positive_float, positive_int
-from .demo import ZetaRun, demo_problem, one_thread, record_steps, run_zetas, sliced_w2
+from .demo import ZetaRun, _errors, demo_problem, one_thread, record_steps, run_zetas, sliced_w2
 from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -163,8 +163,8 @@ def _explore_1d(steps: int, samples: int, seed: int, zetas: list[float], times: 
             m, sd = s.mean(0), s.std(0)
             entry.update(traj=[_r(r.trajectory[i][0, 0]) for i in record], samples=_r(s[:8]), mean=_r(m),
                          lo=_r(m - 2 * sd), hi=_r(m + 2 * sd))
-            entry["errors"] = {"mean_rel_err": _r(float((m - pm).norm() / pm.norm())),
-                               "sliced_w2": _r(sliced_w2(s, exact)), "residual_norm": _r(float(resid(s).mean()))}
+            # residual_norm: the sampler's final residual norms, equal to resid(s) up to float64 rounding
+            entry["errors"] = {k: _r(v) for k, v in _errors(r, pm, exact).items()}
         scales.append(entry)
     data = {
         "mode": "1d",
@@ -280,6 +280,8 @@ def explore_image(model: Callable, operator: Any, image: torch.Tensor, sigma_n: 
 
 def write_page(data: dict, out: str | Path) -> Path:
     """Write the self-contained page for ``data`` (from :func:`explore_1d`/:func:`explore_image`)."""
+    from .reconstruct.data import atomic_write_bytes
+
     template = resources.files("dps_fast").joinpath("assets/explore.html").read_text(encoding="utf-8")
     # "</" cannot end the inline JSON early; "<\/" is the same string to JSON.parse
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
@@ -288,9 +290,7 @@ def write_page(data: dict, out: str | Path) -> Path:
     if out.exists() and out.is_dir():
         raise ValueError(f"--out: {str(out)!r} is a folder; expected an .html file path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_bytes(out, html.encode("utf-8"), fsync=False)
     return out
 
 
@@ -311,7 +311,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"--zeta-min: expected less than --zeta-max, got {args.zeta_min} and {args.zeta_max}")
     t0 = time.perf_counter()
     if not image_mode:
-        changed = [f"--{k.replace('_', '-')}" for k in _IMAGE_ONLY if getattr(args, k) != _PARSER_DEFAULTS.get(k)]
+        # the options the 1-D problem has no use for: refused unless left at their defaults
+        changed = [_flag(a) for a in args.image_only if getattr(args, a.dest) != a.default]
         if changed:
             raise ValueError(f"{changed[0]}: only used in image mode (with --model and --image)")
         lo, hi = args.zeta_min or 1e-4, args.zeta_max or 0.1
@@ -319,10 +320,13 @@ def _main(args: argparse.Namespace) -> int:
                           zetas=zeta_grid(lo, hi, args.zetas or 25), times=args.times,
                           min_scales=MIN_SCALES if args.refine else 0, log=say, progress=not args.quiet)
     else:
-        from .reconstruct.cli import build_operator, load_model
+        from .reconstruct.cli import _noise_kwargs, build_operator, load_model
         from .reconstruct.data import InputError, read_image
         from .reconstruct.runner import model_geometry
 
+        if _noise_kwargs(args):  # also refuses --rate without --noise poisson
+            raise ValueError(f"--noise: explore simulates Gaussian measurement noise only (--sigma-n), got --noise "
+                             f"{args.noise}; dps-fast reconstruct runs --noise poisson")
         model, schedule, _ = load_model(args)
         channels, size = model_geometry(model, None)
         try:
@@ -350,9 +354,8 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-_IMAGE_ONLY = ("operator", "sigma", "kernel_size", "intensity", "kernel_seed", "box", "missing", "mask_seed",
-               "factor", "sigma_n", "guidance", "clip", "device", "backend")
-_PARSER_DEFAULTS: dict[str, Any] = {}
+def _flag(action: argparse.Action) -> str:
+    return next(o for o in action.option_strings if o.startswith("--"))
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -366,7 +369,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "slider over the guidance scale zeta: x0hat from t = T to 0, the samples, mean +- 2 std and\n"
                     "the errors for the selected zeta, and the error against zeta.\n"
                     "Without --model: the demo's 1-D deblurring problem, against its exact posterior.\n"
-                    "With --model/--checkpoint (or --random-weights) and --image: x0hat image strips per zeta.",
+                    "With --model/--checkpoint (or --random-weights) and --image: x0hat image strips per zeta\n"
+                    "(measurements with Gaussian noise --sigma-n; dps-fast reconstruct also runs --noise poisson).",
         epilog=CHECKPOINTS + "\n\nexamples:\n  dps-fast explore\n"
                "  dps-fast explore --model ffhq256 --checkpoint ffhq_10m.pt --image face.png --operator gaussian-blur\n"
                "  dps-fast explore --model tiny32 --random-weights --image face.png --steps 20 --device cpu")
@@ -396,9 +400,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     img.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip x0hat to [-1, 1]")
     img.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     img.add_argument("--backend", choices=BACKENDS, default="auto", help="as in dps-fast reconstruct")
-    add_task_options(p)
-    add_model_options(p)
-    p.set_defaults(func=_main)
-    _PARSER_DEFAULTS.update({k: p.get_default(k) for k in _IMAGE_ONLY})
+    task = add_task_options(p)
+    model = add_model_options(p)
+    # every option that only image mode reads (--model/--diffusers select it; --image has its own
+    # message): the 1-D mode refuses them when they differ from their defaults
+    image_only = [a for group in (task, img, model) for a in group._group_actions
+                  if a.dest not in ("image", "model", "diffusers")]
+    p.set_defaults(func=_main, image_only=tuple(image_only))
     return p
 

@@ -118,6 +118,36 @@ def test_explore_arguments_are_checked(tmp_path, capsys):
     assert not (tmp_path / "p.html").exists()
 
 
+
+@pytest.mark.parametrize("extra, flag", [
+    (("--boundary", "reflect"), "--boundary"), (("--filter", "bicubic"), "--filter"),
+    (("--kernel", "k.npy"), "--kernel"), (("--oversample", "4"), "--oversample"),
+    (("--operator-fn", "m:f"), "--operator-fn"), (("--noise", "poisson"), "--noise"), (("--rate", "2"), "--rate"),
+    (("--checkpoint", "c.pt"), "--checkpoint"), (("--random-weights",), "--random-weights"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_1d_mode_refuses_every_option_it_does_not_use(tmp_path, capsys, extra, flag):
+    assert main(["explore", *extra, "--out", str(tmp_path / "p.html")]) == 2
+    assert f"{flag}: only used in image mode" in capsys.readouterr().err
+    assert not (tmp_path / "p.html").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--noise", "poisson"), "--noise: explore simulates Gaussian measurement noise only"),
+    (("--noise", "poisson", "--rate", "2"), "--noise: explore simulates Gaussian measurement noise only"),
+    (("--rate", "2"), "--rate: only applies to --noise poisson"),
+], ids=["poisson", "poisson-rate", "rate-gaussian"])
+def test_image_mode_refuses_noise_it_does_not_simulate(tmp_path, capsys, extra, words):
+    """The page reports Gaussian noise sigma_n: a Poisson request is refused, not run as Gaussian."""
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(tmp_path / "face.png")
+    assert main(["explore", "--model", "tiny32", "--random-weights", "--image", str(tmp_path / "face.png"),
+                 "--steps", "2", "--samples", "1", "--zetas", "2", "--times", "2", "--no-refine", "--device", "cpu",
+                 *extra, "--out", str(tmp_path / "p.html"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "p.html").exists()
+
 # ---- in a real browser --------------------------------------------------------------------------
 def _not_blank(png: bytes) -> tuple[int, float]:
     """(distinct colours, fraction of pixels that are not the background) of a screenshot."""

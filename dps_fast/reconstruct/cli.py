@@ -64,8 +64,9 @@ examples:
   dps-fast reconstruct --out runs/blur --merge-only      # rebuild metrics.csv, show the status"""
 
 
-def add_task_options(p: argparse.ArgumentParser) -> None:
-    """The forward model and noise options (``y = A x + sigma_n * noise``), shared with ``explore``."""
+def add_task_options(p: argparse.ArgumentParser) -> Any:
+    """The forward model and noise options (``y = A x + sigma_n * noise``), shared with ``explore``;
+    returns their argument group."""
     task = p.add_argument_group("task (y = A x + sigma_n * noise)")
     task.add_argument("--operator", choices=OPERATORS, default="gaussian-blur",
                       help="the forward model A (python: your own, see --operator-fn)")
@@ -95,10 +96,12 @@ def add_task_options(p: argparse.ArgumentParser) -> None:
                       help="poisson: counts per intensity level, 255 * rate at white (default 1.0)")
     task.add_argument("--sigma-n", type=non_negative_float, default=0.05,
                       help="measurement noise std in [-1, 1] image units, >= 0")
+    return task
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model/--checkpoint/--random-weights/--diffusers, shared with ``explore``."""
+def add_model_options(p: argparse.ArgumentParser) -> Any:
+    """--model/--checkpoint/--random-weights/--diffusers, shared with ``explore``; returns their
+    argument group."""
     from ..models.adm import ADM_CONFIGS
 
     model = p.add_argument_group("model (see 'checkpoints' below)")
@@ -110,6 +113,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                             "runs and benchmarks)")
     model.add_argument("--diffusers", default=None,
                        help="a diffusers pipeline folder (unet/ and scheduler/) or a UNet2DModel folder")
+    return model
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
