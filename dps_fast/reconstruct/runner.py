@@ -75,8 +75,8 @@ from .metrics import psnr, ssim
 logger = logging.getLogger(__name__)
 
 __all__ = ["reconstruct", "ReconstructSummary", "model_geometry", "probe_step", "item_key", "item_seeds",
-           "simulate_measurement", "apply_operator", "noise_model", "environment", "run_status", "STD_PNG_GAIN",
-           "MANIFEST_FORMAT"]
+           "simulate_measurement", "apply_operator", "noise_model", "environment", "run_status", "check_resumable",
+           "STD_PNG_GAIN", "MANIFEST_FORMAT"]
 
 #: ``std.png`` shows ``clamp(STD_PNG_GAIN * std, 0, 1)`` (std in the model's [-1, 1] units): white
 #: is a standard deviation of 1/8 of the intensity range or more.
@@ -188,6 +188,20 @@ def _schedule_id(schedule: NoiseSchedule) -> dict[str, Any]:
 
 def _fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_resumable(previous: Optional[dict[str, Any]], settings: dict[str, Any], fingerprint: str, out: Path,
+                    flag: str = "out", other: str = "another output folder") -> None:
+    """Refuse to write into ``out`` when its manifest ``previous`` (None: a new folder) is of a
+    run with other settings: a ValueError naming ``flag`` and the differing top-level settings."""
+    if previous is None or previous.get("fingerprint") == fingerprint:
+        return
+    old = previous.get("settings", {})
+    diff = sorted(k for k in set(old) | set(settings)
+                  if json.dumps(old.get(k), default=str, sort_keys=True)
+                  != json.dumps(settings.get(k), default=str, sort_keys=True))
+    raise ValueError(f"{flag}: {str(out)!r} holds a run with other settings (differing: {', '.join(diff) or '?'}); "
+                     f"use {other}, or the same settings to resume")
 
 
 def _git_commit() -> Optional[dict[str, Any]]:
@@ -519,13 +533,7 @@ def reconstruct(
         settings["noise"] = repr(poisson)
     fingerprint = _fingerprint(settings)
     previous = read_json(out / MANIFEST)
-    if previous is not None and previous.get("fingerprint") != fingerprint:
-        old = previous.get("settings", {})
-        diff = sorted(k for k in set(old) | set(settings)
-                      if json.dumps(old.get(k), default=str, sort_keys=True)
-                      != json.dumps(settings.get(k), default=str, sort_keys=True))
-        raise ValueError(f"out: {str(out)!r} holds a run with other settings (differing: {', '.join(diff) or '?'}); "
-                         f"use another output folder, or the same settings to resume")
+    check_resumable(previous, settings, fingerprint, out)
 
     ctx = distributed.init(device)
     bar = None

@@ -259,7 +259,7 @@ def test_cli_writes_their_folders_and_resumes_with_the_same_images(tmp_path, tin
     torch.testing.assert_close(again, first["00001"], rtol=0, atol=0)
     # and in a batch of one: other shapes round differently in float32, and a guided, clipped
     # chain amplifies rounding (their own loop moved by 2.3e-3 relative when x_start moved by one
-    # ulp in a 10-step tiny32 chain; batch 1 vs 3 here measured 4.9e-3), while another image
+    # ulp in a 10-step tiny32 chain; batch 1 vs 3 here measured 9.9e-5), while another image
     # differs by O(1). In float64 batched rows equal single runs to 1e-12 (test_dps2022.py).
     (out / "items" / "00000" / "done.json").unlink()
     assert main(argv + ["--batch-size", "1"]) == 0
@@ -351,3 +351,25 @@ def test_cli_bad_files_and_keys_are_clear_errors(tmp_path, tiny32, capsys):
     assert "--model_config: model_path: no checkpoint at" in capsys.readouterr().err
     assert main(argv[:2] + [str(tmp_path / "nope.yaml")] + argv[3:]) == 2
     assert "--model_config: no file" in capsys.readouterr().err
+
+
+@needs_fixture
+def test_cli_refuses_to_resume_a_run_with_other_settings_and_names_them(tmp_path, tiny32, capsys):
+    argv = _write_setup(tmp_path, tiny32, n_images=1, respacing=2)
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(argv + ["--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dps-fast dps2022: error: --save_dir:"), err
+    assert "holds a run with other settings (differing: seed)" in err and "another --save_dir" in err
+
+
+def test_cli_help_shows_each_default_once(capsys):
+    assert main(["dps2022", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text  # required options and flags
+    options = text.split("\n  -")  # one chunk per option
+    assert not [o for o in options if o.count("(default") > 1]
+    assert "(default: ./results)" in text and "(default: philox)" in text
+    backend = next(o for o in options if o.startswith("-backend"))
+    assert "cuda" in backend and "reconstruct" in backend  # it has a help text now

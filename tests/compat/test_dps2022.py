@@ -347,6 +347,26 @@ def test_one_log_line_per_setup(caplog):
     assert "fused DPS step" in lines[0]
 
 
+
+def test_ddim_on_a_non_fused_backend_says_it_runs_the_formula_path(caplog):
+    """DDIM's guided step is built from a fused backend's pieces: with backend='reference' it runs
+    the formula path, and the plan and the log line say so (not 'fused')."""
+    op, kw, y, x_start = _f64_problem("inpaint")
+    fn = functools.partial(PosteriorSampling(op, GaussianNoise(0.05), scale=0.4).conditioning, **kw)
+    net = TinyEps(3, 8, learn_sigma=True).double()
+    out, plans = {}, {}
+    for backend in ("reference", "torch"):
+        s = create_sampler(**diffusion_config(sampler="ddim", timestep_respacing=4), eta=0.5, backend=backend,
+                           progress=False)
+        with caplog.at_level(logging.INFO, logger="dps_fast.compat"):
+            out[backend] = s.p_sample_loop(net, x_start, y, fn, seeds=torch.tensor([7]))
+        plans[backend] = s.last_plan
+    assert plans["reference"]["path"] == "formula" and plans["torch"]["path"] == "fused"
+    assert "DDIM needs a fused backend" in plans["reference"]["why_not_fused"]
+    line = next(r.getMessage() for r in caplog.records if "backend='reference'" in r.getMessage())
+    assert "step: formula path (DDIM needs a fused backend" in line
+    assert rel(out["reference"], out["torch"]) < 1e-10  # the same chain either way (float64)
+
 # ---- progress images ----------------------------------------------------------------------------
 def test_record_writes_their_progress_images(tmp_path):
     pytest.importorskip("matplotlib")

@@ -34,11 +34,14 @@ from .recognize import Conditioning, unwrap_partial
 if TYPE_CHECKING:
     from .diffusion import SpacedDiffusion
 
-__all__ = ["Chain", "STREAM_MEASUREMENT", "STREAM_PERTURB", "RECORD_EVERY"]
+__all__ = ["Chain", "STREAM_Q_SAMPLE", "STREAM_PERTURB", "RECORD_EVERY"]
 
 #: Philox streams of the noise drawn here besides the sampler's own (0: step, 1: x_T): q_sample's
-#: measurement noise, and ps+'s k-th perturbation at stream STREAM_PERTURB + k.
-STREAM_MEASUREMENT = 3
+#: noise of the measurement, and ps+'s k-th perturbation at stream STREAM_PERTURB + k. Not
+#: dps_fast.noise.STREAM_MEASUREMENT (2), the stream of dps_fast's own MCG ``y_{t-1}`` noise:
+#: this one has been 3 since the drop-in's first release, and changing it would change the
+#: samples (and break resuming) of every philox run that draws q_sample's noise.
+STREAM_Q_SAMPLE = 3
 STREAM_PERTURB = 4
 RECORD_EVERY = 10  # their p_sample_loop saves progress/x_{idx}.png when idx % 10 == 0
 
@@ -87,7 +90,7 @@ class Chain:
             return None
         if y.is_complex():
             raise ValueError("measurement: complex measurements need rng='torch' for q_sample's noise")
-        return philox_normal(self.seeds, y[0].numel(), i, STREAM_MEASUREMENT, y.dtype).view_as(y)
+        return philox_normal(self.seeds, y[0].numel(), i, STREAM_Q_SAMPLE, y.dtype).view_as(y)
 
     def uniforms(self, i: int, like: torch.Tensor, k: int) -> list[torch.Tensor]:
         if self.d.rng == "torch":
@@ -143,10 +146,7 @@ class Chain:
                   compile=False, autocast=d.autocast)
         p, _ = dps.prepare(y, 1, seeds=self.seeds.cpu().view(-1, 1))
         be = dps.backend(x.device)
-        ddim = d.name == "ddim"
-        if ddim and not isinstance(be, FusedBackend):
-            yield from self._formula_steps(x, idx)
-            return
+        ddim = d.name == "ddim"  # SpacedDiffusion._choose sends DDIM here only with a fused backend
         # their Poisson value is ||r|| mean(1/|y|): the shown distance, not only the step, scales
         dist_scale = (zeta / cond.scale).to(x) if isinstance(zeta, torch.Tensor) and cond.scale > 0 else 1.0
         with p.net.frozen():
@@ -174,11 +174,7 @@ class Chain:
         u = p.net.vjp(eps_g, x_in, w)
         gscale = p.gscale(rnorm2).reshape((-1,) + (1,) * (x.dim() - 1))
         grad = 2.0 * c[Coef.SQRT_RECIP_ABAR] * (w - c[Coef.SQRT_1M_ABAR] * u)  # grad_x ||r||^2
-        eps = (c[Coef.SQRT_RECIP_ABAR] * x - x0hat) / c[Coef.SQRT_RECIPM1_ABAR]
-        sq_abp, sq_rest, sigma = self.d._ddim_coefs(i, x)  # type: ignore[attr-defined]
-        x_next = x0hat * sq_abp + sq_rest * eps
-        if i != 0:
-            x_next = x_next + sigma * noise
+        x_next = self.d._ddim_update(x, x0hat, c, i, noise)  # type: ignore[attr-defined]
         return (x_next - gscale * grad).detach(), rnorm2
 
     # formula: their formulas, autograd through the step --------------------------------------

@@ -12,8 +12,9 @@ residual norm, seconds) and ``items/NNNNN/`` (tensors and the done marker).
 Their script handles one image at a time; here images are batched (per-sample norms keep each
 image's result the same), ``--batch-size auto`` sizes the batch from a memory probe on CUDA, an
 out-of-memory error halves it, and re-running the same command skips finished images. Each image
-has its own Philox seed (from ``--seed`` and its file path), mask and measurement noise, so a
-result does not depend on the batch or on resuming. ``--rng torch`` instead draws with torch and
+has its own Philox seed (from ``--seed`` and its path relative to ``data.root``), mask and
+measurement noise, so a result does not depend on the batch, on resuming or on where the data
+folder lies. ``--rng torch`` instead draws with torch and
 numpy in their order, one image at a time, after ``torch.manual_seed(seed + i)`` and
 ``np.random.seed(seed + i)``.
 
@@ -23,11 +24,8 @@ Exit codes: 0 done, 1 a chain diverged (finished images are kept), 2 bad setting
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from ..._help import batch_size
+from ..._help import HelpFormatter, batch_size
+from ...reconstruct.cli import BACKENDS
 
 if TYPE_CHECKING:
     from .recognize import Conditioning
@@ -54,9 +53,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``dps2022`` on an ``add_subparsers()`` object (its ``func`` is :func:`run`)."""
     p = subparsers.add_parser(
         "dps2022", help="run the original DPS code's configs (sample_condition.py) on dps_fast",
-        description="Their sample_condition.py: the same three YAML files and output folders, batched, resumable, "
+        description="Their sample_condition.py: the same three YAML files and output folders, batched, resumable,\n"
                     "with a manifest and metrics. Needs PyYAML (pip install 'dps-fast[dps2022]').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model_config", required=True, help="their model config YAML (create_model keys + model_path)")
     p.add_argument("--diffusion_config", required=True, help="their diffusion config YAML (create_sampler keys)")
     p.add_argument("--task_config", required=True, help="their task config YAML (conditioning, data, measurement)")
@@ -68,7 +67,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--rng", choices=("philox", "torch"), default="philox",
                    help="philox: per-image streams (batchable, resumable); torch: their torch/numpy draws, one image "
                         "at a time")
-    p.add_argument("--backend", choices=("auto", "reference", "torch", "triton", "cuda"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="as in dps-fast reconstruct")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (once, reused by every batch)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -87,28 +86,9 @@ class _Item:
     mask: Optional[torch.Tensor]
 
 
-def _fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _checkpoint_id(path: str) -> dict[str, Any]:
     st = os.stat(path)
     return {"path": str(Path(path).resolve()), "bytes": st.st_size, "mtime": int(st.st_mtime)}
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``dps-fast dps2022``; returns the exit code."""
-    from ...sampler import NonFiniteError
-
-    try:
-        return _run(args)
-    except NonFiniteError as exc:
-        print(f"dps-fast dps2022: error: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        logger.debug("dps2022 failed", exc_info=True)
-        print(f"dps-fast dps2022: error: {exc}", file=sys.stderr)
-        return 2
 
 
 def _device(gpu: int) -> torch.device:
@@ -119,11 +99,13 @@ def _device(gpu: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Execute ``dps-fast dps2022``; returns 0 or raises (:func:`dps_fast.cli.main` maps errors to
+    the exit codes: 1 a chain diverged, 2 bad settings)."""
     from ...reconstruct.batching import auto_rows, stream_chunks
     from ...reconstruct.data import read_json, write_json
     from ...reconstruct.distributed import collect_done, merge
-    from ...reconstruct.runner import environment, item_seeds
+    from ...reconstruct.runner import _fingerprint, check_resumable, environment, item_key, item_seeds
     from .diffusion import create_sampler
     from .images import save_like_plt
     from .tasks import ConfigError, list_images, load_image, load_yaml, model_from_config, parse_task
@@ -138,15 +120,15 @@ def _run(args: argparse.Namespace) -> int:
     try:
         sampler = create_sampler(**diff_cfg, rng=args.rng, backend=args.backend, compile=bool(args.compile),
                                  progress=False)
-    except TypeError as exc:
-        raise ConfigError(f"--diffusion_config: {exc}") from None
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"--diffusion_config: {exc}") from None
     task = parse_task(task_cfg)
     task.kernel_seed = args.seed
     files = list_images(task.data_root)
     if not files:
         raise FileNotFoundError(f"--task_config: data.root: no PNG files under {task.data_root!r}")
+    # what an image's seeds, mask and noise are keyed by: its place in the data set, not on the disk
+    keys = [os.path.relpath(f, task.data_root) for f in files]
     if args.seed < 0:
         raise ValueError(f"--seed: expected an int >= 0, got {args.seed}")
     dev = _device(args.gpu)
@@ -169,10 +151,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = {"model": dict(model_cfg, checkpoint=_checkpoint_id(model_cfg["model_path"])),
                 "diffusion": diff_cfg, "task": task_cfg, "rng": args.rng, "seed": args.seed}
     fingerprint = _fingerprint(settings)
-    previous = read_json(out / "manifest.json")
-    if previous is not None and previous.get("fingerprint") != fingerprint:
-        raise ValueError(f"--save_dir: {str(out)!r} holds a run with other configs or seed; use another --save_dir, "
-                         f"or the same settings to resume")
+    check_resumable(read_json(out / "manifest.json"), settings, fingerprint, out, "--save_dir", "another --save_dir")
 
     # ---- set-up -------------------------------------------------------------------------------
     model = model.to(dev).eval()
@@ -207,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     def items() -> Any:
         for i in pending:
             name = names[i]
-            seed = int(item_seeds(args.seed, files[i], 1)[0])
+            seed = int(item_seeds(args.seed, keys[i], 1)[0])
             if args.rng == "torch":  # their per-image draw order: mask (numpy), noise, x_start (torch)
                 torch.manual_seed(args.seed + i)
                 np.random.seed(args.seed + i)
@@ -225,9 +204,9 @@ def _run(args: argparse.Namespace) -> int:
             mask = None
             if task.mask is not None:
                 mask = task.mask(np.random if args.rng == "torch" else
-                                 np.random.default_rng(_key(args.seed, files[i], "mask")))
+                                 np.random.default_rng(item_key(args.seed, keys[i], "mask")))
             op, _ = task.build(size, mask)
-            y = _simulate(task, op, x, args, dev, files[i])
+            y = _simulate(task, op, x, args.rng, args.seed, dev, keys[i])
             if args.rng == "torch":
                 x_start = torch.randn((1,) + tuple(x.shape), device=dev)[0]
             else:
@@ -267,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         for jobs, results, rows in stream_chunks(items(), 1, rows, run_batch, pad=True):
             for job, (recon, secs) in zip(jobs, results):
-                _write_item(out, job.key, recon, secs, task, size, fingerprint, dev)
+                _write_item(out, job.key, recon, secs, task, size, fingerprint)
                 finished += 1
                 bar.update(1)
     finally:
@@ -277,40 +256,32 @@ def _run(args: argparse.Namespace) -> int:
                     seconds=round(time.perf_counter() - t_start, 3), plan=sampler.last_plan,
                     inputs={"total": len(files), "done": len(records), "finished_now": finished,
                             "already_done": len(done), "skipped": skipped}, batch=dict(batch_info, rows_final=rows))
-    write_json(out / "manifest.json", manifest)
-    for sk in skipped:
-        print(f"skipped {sk['path']}: {sk['reason']}", file=sys.stderr)
+    write_json(out / "manifest.json", manifest)  # each skipped image was logged when it was skipped
     print(f"{len(records)}/{len(files)} images done ({finished} now, {len(done)} before, {len(skipped)} skipped) in "
           f"{time.perf_counter() - t_start:.1f} s -> {out}")
     return 0
 
 
-def _key(seed: int, path: str, purpose: str) -> int:
-    from ...reconstruct.runner import item_key
-
-    return item_key(seed, path, purpose)
-
-
-def _simulate(task: Any, op: Any, x: torch.Tensor, args: argparse.Namespace, dev: torch.device,
-              path: str) -> torch.Tensor:
+def _simulate(task: Any, op: Any, x: torch.Tensor, rng: str, seed: int, dev: torch.device,
+              key: str) -> torch.Tensor:
     """``y = noiser(A x)`` for one image ``[3, S, S]``: their noise models; --rng philox keys the
-    noise by (seed, file path) so it does not depend on the batch, --rng torch draws as they do."""
-    from ...noise import philox_normal
+    noise by (seed, path under data.root) so it does not depend on the batch (Gaussian: dps-fast
+    reconstruct's :func:`~dps_fast.reconstruct.runner.simulate_measurement`), --rng torch draws
+    as they do."""
+    from ...reconstruct.runner import item_key, simulate_measurement
 
-    if args.rng == "torch":
+    if rng == "torch":
         y = op.forward(x[None].to(dev))[0]
         if task.noise == "gaussian":
             return y + torch.randn_like(y, device=y.device) * task.sigma
         if task.noise == "poisson":
             return _poisson(y, task.rate, np.random).to(dev)
         return y
-    y = op.forward(x[None].double())[0]
-    if task.noise == "gaussian" and task.sigma > 0:
-        key = torch.tensor([_key(args.seed, path, "measurement")])  # its own key: no overlap with samples
-        y = y + task.sigma * philox_normal(key, y.numel(), 0, 2, torch.float64).view_as(y)
-    elif task.noise == "poisson":
-        y = _poisson(y, task.rate, np.random.default_rng(_key(args.seed, path, "measurement")))
-    return y.float().to(dev)
+    if task.noise == "poisson":  # their PoissonNoise (numpy), keyed like reconstruct's measurement noise
+        y = op.forward(x[None].double())[0]
+        return _poisson(y, task.rate, np.random.default_rng(item_key(seed, key, "measurement"))).float().to(dev)
+    sigma = task.sigma if task.noise == "gaussian" else 0.0
+    return simulate_measurement(op, x, sigma, seed, key).to(dev)
 
 
 def _poisson(y: torch.Tensor, rate: float, rng: Any) -> torch.Tensor:
@@ -342,7 +313,7 @@ def _probe(sampler: Any, model: Any, task: Any, size: int, y_shape: tuple[int, .
 
 
 def _write_item(out: Path, item: _Item, recon: torch.Tensor, seconds: float, task: Any, size: int,
-                fingerprint: str, dev: torch.device) -> None:
+                fingerprint: str) -> None:
     """Their three PNGs, the tensors and the done marker (last), all atomic."""
     from ...reconstruct.data import save_tensors, write_json
     from ...reconstruct.metrics import psnr, ssim

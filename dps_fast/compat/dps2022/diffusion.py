@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...backends import FusedBackend, check_backend, get_backend
 from ...models.adm import ADMUNet
 from ...noise import seeds_from
 from ...operators.base import Operator
@@ -310,7 +311,7 @@ class SpacedDiffusion:
 
             on_record = save_progress
 
-        return self.run(model, cond, fast_op, x, y, seeds, on_record=on_record, op_desc=op_desc)
+        return self._run(model, cond, fast_op, x, y, seeds, on_record, op_desc, None)
 
     def run(self, model: Any, cond: Conditioning, fast_op: Optional[Operator], x_start: torch.Tensor,
             measurement: torch.Tensor, seeds: torch.Tensor,
@@ -330,7 +331,12 @@ class SpacedDiffusion:
             ``[B, C, H, W]`` the last state (detached).
         """
         x, y = self._check_inputs(x_start, measurement)
-        seeds = self._seeds(seeds, x.shape[0])
+        return self._run(model, cond, fast_op, x, y, self._seeds(seeds, x.shape[0]), on_record, op_desc, steps)
+
+    def _run(self, model: Any, cond: Conditioning, fast_op: Optional[Operator], x: torch.Tensor, y: torch.Tensor,
+             seeds: torch.Tensor, on_record: Optional[Callable[[int, torch.Tensor], None]], op_desc: str,
+             steps: Optional[Sequence[int]]) -> torch.Tensor:
+        """:meth:`run` on inputs already checked by :meth:`_check_inputs` and :meth:`_seeds`."""
         net, net_desc, net_fast = self._network(model)
         engine, why = self._choose(cond, fast_op, y)
         self.last_plan = {"path": engine, "why_not_fused": why, "network": net_desc, "network_fast": net_fast,
@@ -381,6 +387,10 @@ class SpacedDiffusion:
             return "formula", "their Poisson step divides by |y| and y has zeros"
         if y.is_complex():
             return "formula", "complex measurement"
+        if self.name == "ddim":  # the DDIM update is assembled from a fused backend's pieces
+            check_backend(self.backend, y.device)
+            if not isinstance(get_backend(self.backend, y.device), FusedBackend):
+                return "formula", f"DDIM needs a fused backend, got backend={self.backend!r}"
         return "fused", ""
 
     def _log_once(self, net_desc: str, net_fast: bool, cond: Conditioning, fast_op: Optional[Operator],
@@ -461,23 +471,39 @@ class DDIM(SpacedDiffusion):
 
     name = "ddim"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ddim_tables: dict[tuple[torch.dtype, torch.device, float], torch.Tensor] = {}
+
     def _ddim_coefs(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sqrt(abar'), sqrt(1 - abar' - s^2), s) computed as their code does, in ``like``'s dtype."""
-        work = like.dtype if like.dtype == torch.float64 else torch.float32
-        ab = torch.tensor(self.alphas_cumprod[i], dtype=torch.float64).to(work)
-        abp = torch.tensor(self.alphas_cumprod_prev[i], dtype=torch.float64).to(work)
-        sigma = self.eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt(1 - ab / abp)
-        out = (torch.sqrt(abp), torch.sqrt(1 - abp - sigma ** 2), sigma)
-        return tuple(t.to(device=like.device, dtype=like.dtype) for t in out)  # type: ignore[return-value]
+        """(sqrt(abar'), sqrt(1 - abar' - s^2), s) computed as their code does, in ``like``'s dtype
+        (a table of all steps, built once per dtype, device and eta)."""
+        key = (like.dtype, like.device, self.eta)
+        table = self._ddim_tables.get(key)
+        if table is None:
+            work = like.dtype if like.dtype == torch.float64 else torch.float32
+            ab = torch.from_numpy(np.asarray(self.alphas_cumprod, dtype=np.float64)).to(work)
+            abp = torch.from_numpy(np.asarray(self.alphas_cumprod_prev, dtype=np.float64)).to(work)
+            sigma = self.eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt(1 - ab / abp)
+            table = torch.stack([torch.sqrt(abp), torch.sqrt(1 - abp - sigma ** 2), sigma], 1)
+            table = self._ddim_tables[key] = table.to(device=like.device, dtype=like.dtype)
+        row = table[i]
+        return row[0], row[1], row[2]
+
+    def _ddim_update(self, x: torch.Tensor, x0: torch.Tensor, c: torch.Tensor, i: int,
+                     noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """Their DDIM update from ``x_t``, the (clipped) x0hat and coefficient row ``c``:
+        ``sqrt(abar') x0hat + sqrt(1 - abar' - s^2) eps' + s z`` (no noise at ``i = 0``)."""
+        eps = (c[Coef.SQRT_RECIP_ABAR] * x - x0) / c[Coef.SQRT_RECIPM1_ABAR]
+        sq_abp, sq_rest, sigma = self._ddim_coefs(i, x)
+        sample = x0 * sq_abp + sq_rest * eps
+        if i != 0:
+            sample = sample + sigma * noise
+        return sample
 
     def _p_sample(self, x: torch.Tensor, out: torch.Tensor, i: int, noise: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         c = self._coefs(i, x)
         eps_out, v = self._split(out, x.shape[1])
         _, x0 = self._mean_xstart(x, eps_out, c, i)
-        eps = (c[Coef.SQRT_RECIP_ABAR] * x - x0) / c[Coef.SQRT_RECIPM1_ABAR]
-        sq_abp, sq_rest, sigma = self._ddim_coefs(i, x)
-        sample = x0 * sq_abp + sq_rest * eps
-        if i != 0:
-            sample = sample + sigma * noise
-        return sample, x0
+        return self._ddim_update(x, x0, c, i, noise), x0
