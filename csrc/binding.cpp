@@ -58,9 +58,8 @@ void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got sizes ", t.sizes(), " with strides ", t.strides());
 }
 
-// Same device, dtype and shape as `ref` (and contiguous, on CUDA).
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  check_cuda(t, name);
+// Same device, dtype and shape as `ref` (the checks check_like and check_rows_like share).
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ", ref.device(), ", got ",
               t.device());
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name, "'s dtype ", ref.scalar_type(),
@@ -68,15 +67,17 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, co
   TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have ", ref_name, "'s shape ", ref.sizes(), ", got ", t.sizes());
 }
 
+// Same device, dtype and shape as `ref` (and contiguous, on CUDA).
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  check_cuda(t, name);
+  check_same(t, name, ref, ref_name);
+}
+
 // Same device, dtype and shape as `ref`, each sample t[n] contiguous (channel slices of a model
 // output qualify): returns the element stride between samples.
 int64_t check_rows_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref_name, "'s device ", ref.device(), ", got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name, "'s dtype ", ref.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have ", ref_name, "'s shape ", ref.sizes(), ", got ", t.sizes());
+  check_same(t, name, ref, ref_name);
   int64_t expect = 1;
   for (int64_t d = t.dim() - 1; d >= 1; --d) {
     TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expect, name,

@@ -115,19 +115,20 @@ int resident_blocks_per_sm() {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Blocks along y: one per sample, capped at the grid's limit (the kernels stride over the rest).
+unsigned grid_y(int64_t n_samples) { return static_cast<unsigned>(n_samples < kMaxGridY ? n_samples : kMaxGridY); }
+
 // Blocks along x (within a sample) so that grid.x * grid.y fills the device about once with
 // `blocks_per_sm` resident blocks per SM; the kernels grid-stride over whatever is left.
 unsigned blocks_within_sample(int64_t work_items, int64_t n_samples, int blocks_per_sm) {
-  const int64_t gy = n_samples < kMaxGridY ? n_samples : kMaxGridY;
+  const int64_t gy = n_samples > 0 ? grid_y(n_samples) : 1;
   const int64_t target = static_cast<int64_t>(sm_count()) * blocks_per_sm;
-  int64_t bx = ceil_div(target, gy > 0 ? gy : 1);
+  int64_t bx = ceil_div(target, gy);
   const int64_t need = ceil_div(work_items, kThreads);
   if (bx > need) bx = need;
   if (bx < 1) bx = 1;
   return static_cast<unsigned>(bx);
 }
-
-unsigned grid_y(int64_t n_samples) { return static_cast<unsigned>(n_samples < kMaxGridY ? n_samples : kMaxGridY); }
 
 // ---- arithmetic types ---------------------------------------------------------------------
 template <typename T> struct AccType { using type = float; };
@@ -615,15 +616,14 @@ int spectral_blocks_per_sm(DType dtype) {
 
 template <typename R>
 const char* launch_spectral_t(const SpectralArgs& a, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(a.blocks_per_sample),
-                  static_cast<unsigned>(a.n_samples < kMaxGridY ? a.n_samples : kMaxGridY));
+  const dim3 grid(static_cast<unsigned>(a.blocks_per_sample), grid_y(a.n_samples));
   if (spectral_index32(a)) {
     spectral_kernel<R, uint32_t><<<grid, kThreads, 0, stream>>>(spectral_params<R, uint32_t>(a));
   } else {
     spectral_kernel<R, uint64_t><<<grid, kThreads, 0, stream>>>(spectral_params<R, uint64_t>(a));
   }
   if (const char* err = cuda_status("spectral_residual kernel launch")) return err;
-  const unsigned fin_blocks = static_cast<unsigned>(a.n_samples < kMaxGridY ? a.n_samples : kMaxGridY);
+  const unsigned fin_blocks = grid_y(a.n_samples);
   spectral_finalize_kernel<R><<<fin_blocks, kThreads, 0, stream>>>(
       static_cast<const R*>(a.partials), a.n_samples, a.blocks_per_sample, static_cast<R>(a.npix),
       static_cast<R*>(a.rnorm2));

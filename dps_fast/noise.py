@@ -48,6 +48,9 @@ PHILOX_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 TWO_PI = 2.0 * math.pi
+# theta = 2pi * u2 with u2 = (r >> 8) 2^-24 exact: scaling by a power of two commutes with
+# rounding, so one multiply by (2pi rounded to the compute dtype) * 2^-24 gives the kernels' bits.
+_TWO_PI_U = {dt: float(torch.tensor(TWO_PI, dtype=dt)) * 2.0**-24 for dt in (torch.float32, torch.float64)}
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +146,7 @@ def philox_normal(
     ra, rb = _philox_pairs(c0, step, stream, seeds & _M32, (seeds >> 32) & _M32)  # ([r0, r2], [r1, r3])
     work = torch.float64 if dtype == torch.float64 else torch.float32
     rho = (ra >> 8).to(work).add_(1.0).mul_(2.0**-24).log_().mul_(-2.0).sqrt_()
-    # theta = 2pi * u2 with u2 = (r >> 8) 2^-24 exact: scaling by a power of two commutes with
-    # rounding, so one multiply by (2pi rounded to `work`) * 2^-24 gives the kernels' bits.
-    two_pi_u = float(torch.tensor(TWO_PI, dtype=work)) * 2.0**-24
-    theta = (rb >> 8).to(work).mul_(two_pi_u)
+    theta = (rb >> 8).to(work).mul_(_TWO_PI_U[work])  # 2pi * u2 (see _TWO_PI_U)
     z = torch.empty((n, calls, 2, 2), device=dev, dtype=work)  # [N, call, pair, (cos, sin)]
     zv = z.permute(2, 3, 0, 1)
     torch.mul(torch.cos(theta), rho, out=zv[:, 0])

@@ -76,7 +76,9 @@ def tweedie_x0(x, eps, coefs_ptr, lo_hi, lo_lo, hi_hi, hi_lo, CLIP: tl.constexpr
 @triton.jit
 def sample_block(S, nblocks, BLOCK: tl.constexpr):
     """This program's block of one sample on the flat (sample x block) grid: the sample ``n``,
-    the element indices ``j`` within it (the Philox counter), their mask and flat offsets."""
+    the element indices ``j`` within it (an in-place ``eps`` is read at ``n * eps_sn + j``), their
+    mask ``j < S`` and flat offsets ``n * S + j``. (The update kernel tiles by Philox call instead:
+    ``philox.sample_tile``, counter ``j // 4``.)"""
     pid = tl.program_id(0).to(tl.int64)
     n = pid // nblocks
     j = (pid - n * nblocks) * BLOCK + tl.arange(0, BLOCK)

@@ -59,17 +59,6 @@ def _use_kernel(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
     return t.is_cuda and t.dtype in dtypes and is_available()
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when every sample ``t[n]`` is contiguous (the kernel takes the sample stride),
-    else a contiguous copy."""
-    expect = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expect:
-            return t.contiguous()
-        expect *= size
-    return t
-
-
 def dps_update(
     x: torch.Tensor, eps: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gscale: torch.Tensor,
     coefs: torch.Tensor, step: int, clip: Clip = None, variance: str = "fixed_small",
@@ -94,10 +83,7 @@ def dps_update(
         raise ValueError("v: learned_range variance needs the model's variance channels, got None")
     if noise is None and seeds is None:
         raise ValueError("seeds: needed when noise is None")
-    if coefs.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"coefs: expected float32 or float64 (a {str(coefs.dtype).replace('torch.', '')} row rounds "
-                        f"sqrt(1/abar) ~157 by up to 0.2%); pass NoiseSchedule.table(torch.float32) rows, got "
-                        f"{str(coefs.dtype).replace('torch.', '')}")
+    torch_ops.check_coefs_dtype(coefs)
     if not _use_kernel(x, _UPDATE_DTYPES):
         x0 = torch_ops.tweedie(x, eps, coefs, clip) if x0hat_out is not None else None  # before out= overwrites x
         res = torch_ops.dps_update(x, eps, w, u, gscale, coefs, step, clip, variance, v, seeds, noise, out)
@@ -113,7 +99,9 @@ def dps_update(
         return t.to(device=dev, dtype=dt).contiguous()
 
     def rows(t: torch.Tensor) -> torch.Tensor:
-        return _rows(t.to(device=dev, dtype=dt))
+        # read in place when each sample is contiguous: the binding takes the sample stride
+        t = t.to(device=dev, dtype=dt)
+        return t if torch_ops.sample_stride(t) is not None else t.contiguous()
 
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
     x_in = x.contiguous()

@@ -34,6 +34,38 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+# ---- helpers of the kernel op sets (triton_ops, cuda_ops); not ops themselves ----------------
+def sample_stride(t: torch.Tensor) -> Optional[int]:
+    """The element stride between consecutive samples of ``t`` (``[N, *S]``) when every sample
+    ``t[n]`` is contiguous, else None. A kernel can then read ``t`` in place, e.g. a channel half
+    ``out[:, :C]`` of a learned-variance model output (stride ``2 C * H * W``) or a sample
+    expanded over the batch (stride 0). With one sample (or none) the stride is ``prod(S)``.
+
+    >>> out = torch.zeros(2, 6, 4, 4)
+    >>> sample_stride(out[:, :3]), sample_stride(out[:, :, :2]), sample_stride(out[:1, :3])
+    (96, None, 48)
+    """
+    expect = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expect:
+            return None
+        expect *= size
+    return t.stride(0) if t.shape[0] > 1 else expect
+
+
+def check_coefs_dtype(coefs: torch.Tensor) -> None:
+    """Refuse a ``coefs`` row that is not float32 or float64 (TypeError): the kernels compute in
+    float32 (float64 for float64 states), and a bfloat16 row would round ``sqrt(1/abar)`` (~157 at
+    t = 999) by up to 0.2%, an error of ~0.4% in x0hat."""
+    if coefs.dtype in (torch.float32, torch.float64):
+        return
+    name = str(coefs.dtype).replace("torch.", "")
+    why = f": a {name} row rounds sqrt(1/abar) ~157 by up to 0.2%" if coefs.dtype.is_floating_point else ""
+    raise TypeError(
+        f"coefs: expected float32 or float64 (the kernels' arithmetic type{why}); pass "
+        f"NoiseSchedule.table(torch.float32) rows for float32/bfloat16 states, got {name}")
+
+
 def tweedie(x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, clip: Clip = None) -> torch.Tensor:
     """Tweedie's estimate ``x0hat = (x - sqrt(1-abar) eps) / sqrt(abar)``, clamped to ``clip``."""
     x0 = torch.addcmul(x * coefs[Coef.SQRT_RECIP_ABAR], eps, coefs[Coef.SQRT_RECIPM1_ABAR], value=-1.0)

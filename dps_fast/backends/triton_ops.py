@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..schedule import Coef
+from . import torch_ops
 
 __all__ = [
     "tweedie", "apply_clip_mask", "prep_elementwise", "spectral_residual",
@@ -124,12 +125,8 @@ def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -
 
 
 def _coefs(coefs: object, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(coefs, torch.Tensor) and coefs.dtype in (torch.bfloat16, torch.float16):
-        raise TypeError(
-            f"coefs: expected float32 or float64 (the kernels' arithmetic type: a "
-            f"{str(coefs.dtype).replace('torch.', '')} row rounds sqrt(1/abar) ~157 by up to 0.2%); "
-            f"pass NoiseSchedule.table(torch.float32) rows for float32/bfloat16 states, got "
-            f"{str(coefs.dtype).replace('torch.', '')}")
+    if isinstance(coefs, torch.Tensor):
+        torch_ops.check_coefs_dtype(coefs)  # the dtype refusal (and its message) of every kernel op set
     c = _tensor("coefs", coefs, (torch.float32, torch.float64))
     if c.shape != (Coef.COUNT,):
         raise ValueError(
@@ -167,13 +164,10 @@ def _c(t: torch.Tensor) -> torch.Tensor:
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``(t, sample stride)`` when every sample ``t[n]`` is contiguous (the kernels then read
     ``t`` in place, e.g. a channel slice of a model output), else ``(contiguous copy, S)``."""
-    n, s = _samples(t)
-    expect = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expect:
-            return t.contiguous(), s
-        expect *= size
-    return t, (t.stride(0) if n > 1 else s)
+    sn = torch_ops.sample_stride(t)
+    if sn is None:
+        return t.contiguous(), _samples(t)[1]
+    return t, sn
 
 
 def _writable_in_place(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:

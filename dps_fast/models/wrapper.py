@@ -116,6 +116,19 @@ def default_channels_last(channels_last: Optional[bool], autocast: Optional[torc
             and isinstance(model, nn.Module))
 
 
+def _state_layout(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The network output in the state's dtype and contiguous (NCHW) memory, inside the graph.
+
+    A channels_last network returns channels_last; its channel halves ``out[:, :C]``,
+    ``out[:, C:]`` (eps and the variance channels) would then not be contiguous per sample, and
+    every fused op that reads them in place (triton/cuda prep and dps_update) would copy them
+    instead, once per op. One copy here, folded into the dtype cast when there is one, serves all.
+    """
+    if out.dtype != dtype:
+        return out.to(dtype, memory_format=torch.contiguous_format)
+    return out.contiguous()
+
+
 class ScoreNetwork:
     """Adapter giving ``forward(x, t) -> (x_in, out)`` with a graph and ``vjp(eps, x_in, w)``.
 
@@ -125,7 +138,8 @@ class ScoreNetwork:
             for CUDA models), traced once per run (see the module docstring).
         autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: run the network in that
             precision; its output is cast back to the state dtype.
-        channels_last: convert a 4-D input (and the module) to channels_last memory format.
+        channels_last: convert a 4-D input (and the module) to channels_last memory format (the
+            output is returned contiguous, so its channel halves are read in place).
         compile_options: keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
     """
 
@@ -178,7 +192,8 @@ class ScoreNetwork:
         return self._call(self._fn, x_in, t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the network on a leaf copy of ``x``; returns ``(x_in, out)`` (out in x's dtype).
+        """Run the network on a leaf copy of ``x``; returns ``(x_in, out)`` (out in x's dtype and
+        contiguous, whatever the network's memory format: :func:`_state_layout`).
 
         ``x``: ``[N, C, *S]``; ``t``: int64 ``[N]``; ``out``: ``[N, C or 2C, *S]``. With
         ``graph=False`` the output carries no graph (a compiled network still runs its traced
@@ -195,8 +210,7 @@ class ScoreNetwork:
             if with_graph:
                 x_in.requires_grad_(True)
             out = self._call_compiled(x_in, t) if compiled else self._call(self.model, x_in, t)
-            if out.dtype != x.dtype:
-                out = out.to(x.dtype)
+            out = _state_layout(out, x.dtype)
         if not graph and out.requires_grad:
             out = out.detach()
             x_in = x_in.detach()

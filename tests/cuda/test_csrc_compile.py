@@ -140,7 +140,7 @@ int update_t(const UpdateArgs& a, unsigned gx, unsigned gy, int vec, unsigned* u
 template <typename R, typename Idx>
 void spectral_t(const SpectralArgs& a) {
   const SpectralParams<R, Idx> p = spectral_params<R, Idx>(a);
-  const unsigned gy = static_cast<unsigned>(a.n_samples < kMaxGridY ? a.n_samples : kMaxGridY);
+  const unsigned gy = grid_y(a.n_samples);
   R* partials = static_cast<R*>(a.partials);
   for (int64_t by = 0; by < gy; ++by)
     for (int64_t n = by; n < a.n_samples; n += gy)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dps_fast import DPS, NoiseSchedule, operators
+from dps_fast.backends import torch_ops
 from dps_fast.models.wrapper import ScoreNetwork, default_channels_last, run_uncompiled
 from tests.nets import TinyEps, UntrainedDPS
 
@@ -136,6 +137,37 @@ def test_dps_channels_last_auto_keeps_cpu_models_nchw():
     dps = DPS(model, NoiseSchedule.linear(1000).respace(2), A, compile=False, channels_last=True)
     assert dps._network(y.device).channels_last is True
     assert model.c1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("autocast", [torch.bfloat16, None], ids=["bf16", "f32"])
+def test_channels_last_output_comes_back_contiguous(autocast):
+    """A channels_last network returns channels_last; forward hands the state ops NCHW memory
+    (folded into the cast under autocast), so eps = out[:, :C] and v = out[:, C:] have contiguous
+    samples and the fused ops read them in place instead of copying them once per op. The values
+    and the VJP through that copy match the same network run NCHW."""
+    model = TinyEps(3, 8, learn_sigma=True).eval()
+    ref = ScoreNetwork(TinyEps(3, 8, learn_sigma=True).eval(), autocast=autocast)  # same seed, NCHW
+    net = ScoreNetwork(model, autocast=autocast, channels_last=True)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    t = torch.full((2,), 321, dtype=torch.int64)
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        raw = model(x.contiguous(memory_format=torch.channels_last), t)
+    assert not raw.is_contiguous()  # what the network itself returns: channels_last
+    with net.frozen(), ref.frozen():
+        x_in, out = net.forward(x, t)
+        x_ref, out_ref = ref.forward(x, t)
+        assert x_in.is_contiguous(memory_format=torch.channels_last)
+        assert out.dtype == torch.float32 and out.is_contiguous()
+        eps, v = out[:, :3], out[:, 3:]
+        assert torch_ops.sample_stride(eps) == 6 * 8 * 8 and torch_ops.sample_stride(v) == 6 * 8 * 8
+        u, u_ref = net.vjp(eps, x_in, w), ref.vjp(out_ref[:, :3], x_ref, w)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast is not None else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_ref, **tol)
+    torch.testing.assert_close(u, u_ref, **tol)
+    # the copy is made once, in forward: the same-dtype path too (no cast to fold it into)
+    _, out2 = net.forward(x, t, graph=False)
+    assert out2.is_contiguous() and not out2.requires_grad
 
 
 def test_docstring_examples():
