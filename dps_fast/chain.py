@@ -69,8 +69,8 @@ def run_chain(
     sampler: ChainSetup, stepper: Stepper, y: torch.Tensor, num_samples: int = 1,
     generator: Optional[torch.Generator] = None, seed: Optional[int] = None, seeds: Optional[torch.Tensor] = None,
     record: Optional[Union[Iterable[int], str]] = None, progress: bool = False,
-    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[bool]]] = None,
-    desc: str = "DPS", hint: str = "try a smaller step size",
+    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], Optional[bool]]] = None, *,
+    desc: str, hint: str,
 ) -> DPSResult:
     """Run the reverse chain ``i = K-1 .. 0`` of ``sampler.schedule`` with ``stepper``'s step.
 
@@ -78,7 +78,8 @@ def run_chain(
     and ``hint`` ends the :class:`NonFiniteError` message (what to change).
 
     Example:
-        >>> res = run_chain(dps, dps._stepper, y, num_samples=4, seed=0)   # doctest: +SKIP
+        >>> res = run_chain(dps, dps._stepper, y, num_samples=4, seed=0, desc="DPS",
+        ...                 hint=zeta_hint(dps.zeta))   # doctest: +SKIP
     """
     k = sampler.schedule.num_steps
     rec = set(range(k)) if record == "all" else set(record or ())
@@ -88,7 +89,6 @@ def run_chain(
     p, x = sampler.prepare(y, num_samples, generator=generator, seed=seed, seeds=seeds)
     b, dev = y.shape[0], y.device
     seeds = p.seeds.view(b, num_samples).cpu()
-    x_shape = (b,) + tuple(x.shape[1:])
     backend = sampler.backend(dev)
     check_every = sampler.check_every or (1 if dev.type == "cpu" else None)
     # NaN/inf or runaway growth (dps_fast.divergence); a sampler may set runaway_factor = None
@@ -96,7 +96,7 @@ def run_chain(
     trajectory: dict[int, torch.Tensor] = {}
     nfe = 0
     stopped_at = None
-    bshape = (b, num_samples) + tuple(x_shape[1:])
+    bshape = (b, num_samples) + tuple(x.shape[1:])
 
     from tqdm.auto import tqdm
 
@@ -111,14 +111,14 @@ def run_chain(
                 if i in rec:
                     trajectory[i] = out.x0hat.detach().clone().view(bshape)
                 if check_every is not None and (i % check_every == 0):
-                    guard.check(hint=hint)
+                    guard.check(hint)
                 bar.update(1)
                 if callback is not None and i > 0 and callback(i, x, out.x0hat) is False:
                     stopped_at = i
                     break
     finally:
         bar.close()
-    guard.check(hint=hint)
+    guard.check(hint)
     samples = out.x0hat.view(bshape)
     return DPSResult(
         samples=samples, mean=samples.mean(1),

@@ -38,7 +38,7 @@ from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteError", "DivergenceGuard", "runaway_limits", "RUNAWAY_FACTOR"]
+__all__ = ["NonFiniteError", "DivergenceGuard", "runaway_limits", "zeta_hint", "RUNAWAY_FACTOR"]
 
 #: How far (in RMS) beyond the largest state the schedule can produce a chain may go.
 RUNAWAY_FACTOR = 10.0
@@ -60,6 +60,11 @@ class NonFiniteError(FloatingPointError):
         self.step = step
         self.timestep = timestep
         self.kind = kind
+
+
+def zeta_hint(zeta: Any) -> str:
+    """The end of a guided method's :class:`NonFiniteError` message: what to change."""
+    return f"the guidance step is too large for this problem; try a smaller zeta (now {zeta!r})"
 
 
 def runaway_limits(schedule: NoiseSchedule, factor: float = RUNAWAY_FACTOR) -> torch.Tensor:
@@ -96,33 +101,26 @@ class DivergenceGuard:
         """After step ``i``: ``out.rnorm2`` ``[N]`` (NaN/inf flags a non-finite chain) and the
         new state ``out.x`` ``[N, ...]`` (index ``i - 1``; None on the final step)."""
         nonfinite = ~torch.isfinite(out.rnorm2).all()
-        bad = nonfinite
+        bad, rms = nonfinite, None
         if out.x is not None and i > 0 and self._limits is not None:
             x = out.x.detach()
             rms = (torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).max().double()
                    / max(1, x[0].numel()) ** 0.5)
-            runaway = ~(rms <= self._limits[i - 1])  # NaN counts as runaway too
-            bad = bad | runaway
-            first = (self.bad_step < 0) & bad
+            bad = bad | ~(rms <= self._limits[i - 1])  # a NaN state counts as runaway too
+        first = (self.bad_step < 0) & bad
+        if rms is not None:
             self.bad_rms = torch.where(first, rms, self.bad_rms)
-        else:
-            first = (self.bad_step < 0) & bad
         self.bad_kind.masked_fill_(first, _RUNAWAY)
         self.bad_kind.masked_fill_(first & nonfinite, _NONFINITE)
         self.bad_step.masked_fill_(first, i)
 
-    def check(self, zeta: Any = None, hint: Optional[str] = None) -> None:
-        """Raise :class:`NonFiniteError` if a step was flagged (reads the flag: a host sync).
-
-        The message ends with ``hint`` (what to change), by default "try a smaller zeta (now ...)".
-        """
+    def check(self, hint: str) -> None:
+        """Raise :class:`NonFiniteError` if a step was flagged (reads the flag: a host sync); the
+        message ends with ``hint``, what to change (e.g. :func:`zeta_hint`)."""
         i = int(self.bad_step)
         if i < 0:
             return
         t = int(self.schedule.timesteps[i])
-        if hint is None:
-            hint = ("the guidance step is too large for this problem; try a smaller zeta"
-                    + (f" (now {zeta!r})" if zeta is not None else ""))
         if int(self.bad_kind) == _NONFINITE:
             raise NonFiniteError(f"x_t became non-finite at step i={i} (network timestep t={t}): {hint}",
                                  step=i, timestep=t, kind="non-finite")

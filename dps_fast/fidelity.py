@@ -198,12 +198,9 @@ def make_sampler(method: str, problem: Problem, schedule: NoiseSchedule, value: 
 
     eps = problem.prior.eps_model(schedule)
     args = (eps, schedule, problem.operator)
-    if method == "DPS":
-        return DPS(*args, zeta=value, sigma_n=problem.sigma_n, backend="torch")
-    if method == "MCG":
-        return MCG(*args, zeta=value, sigma_n=problem.sigma_n, backend="torch")
-    if method == "PiGDM":
-        return PiGDM(*args, zeta=value, sigma_n=problem.sigma_n, backend="torch")
+    guided = {"DPS": DPS, "MCG": MCG, "PiGDM": PiGDM}
+    if method in guided:
+        return guided[method](*args, zeta=value, sigma_n=problem.sigma_n, backend="torch")
     if method == "DDRM":
         return DDRM(*args, eta=value, eta_b=1.0, sigma_n=problem.sigma_n, backend="torch")
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -218,7 +215,6 @@ class Reference:
         g = torch.Generator().manual_seed(seed)
         dirs = torch.randn(points.shape[1], n_dirs, generator=g, dtype=F64)
         self.dirs = dirs / dirs.norm(dim=0, keepdim=True)
-        self.points = points
         self.sorted = self.project(points)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

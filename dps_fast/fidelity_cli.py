@@ -48,19 +48,13 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``dps-fast fidelity``; bad settings raise ValueError naming the flag (exit code 2)."""
     from .fidelity import best_rows, run_fidelity
 
-    if args.samples is not None and args.samples < 2:
-        raise ValueError(f"--samples: expected an int >= 2 (a covariance needs two samples), got {args.samples}")
-    if args.threads < 1:
-        raise ValueError(f"--threads: expected a positive int, got {args.threads}")
-    if args.seed < 0:
-        raise ValueError(f"--seed: expected a non-negative int, got {args.seed}")
     try:
         report = run_fidelity(out=args.out, grid=args.grid, problems=args.problems, methods=args.methods,
                               seed=args.seed, samples=args.samples, fresh=args.fresh, threads=args.threads,
                               log=None if args.quiet else (lambda m: print(m, flush=True)))
     except ValueError as exc:  # name the flag, not the function argument
         msg = str(exc)
-        for name in ("problems", "methods", "grid"):
+        for name in ("problems", "methods", "grid", "samples", "seed", "threads"):
             if msg.startswith(name + ":"):
                 msg = "--" + msg
         raise ValueError(msg) from None

@@ -25,7 +25,7 @@ from torch import nn
 
 from .backends import Backend, StepOutput, StepProblem, check_backend, get_backend
 from .chain import DPSResult, run_chain
-from .divergence import RUNAWAY_FACTOR, NonFiniteError
+from .divergence import RUNAWAY_FACTOR, NonFiniteError, zeta_hint
 from .models.wrapper import ScoreNetwork, default_channels_last
 from .noise import STREAM_INIT, philox_normal, seeds_from
 from .operators.base import Operator
@@ -306,21 +306,29 @@ class DPS:
         ``x_t`` is ``[B * num_samples, *x]`` (rows of one measurement adjacent), ``y`` ``[B, *out]``.
         ``x_t`` is not modified.
         """
-        x_shape, dtype = self._check_y(y)
-        if not 0 <= i < self.schedule.num_steps:
-            raise ValueError(f"i: expected a step index in [0, {self.schedule.num_steps}), got {i}")
-        n = y.shape[0] * num_samples
-        want = (n,) + tuple(x_shape[1:])
-        for name, tsr in (("x_t", x_t), ("noise", noise)):
-            if tuple(tsr.shape) != want:
-                raise ValueError(f"{name}: expected shape {want}, got {tuple(tsr.shape)}")
-            if tsr.dtype != dtype or tsr.device != y.device:
-                raise TypeError(f"{name}: expected {dtype} on {y.device}, got {tsr.dtype} on {tsr.device}")
-        seeds = torch.zeros(n, dtype=torch.int64)
-        p = self._problem(y, num_samples, seeds, x_shape, dtype)
+        p = self.step_problem(x_t, i, y, noise, num_samples)
         with p.net.frozen():
             out = self.backend(y.device).step(p, x_t, i, noise=noise)
         return out.x, out.x0hat
+
+    def step_problem(self, x_t: torch.Tensor, i: int, y: torch.Tensor, noise: torch.Tensor,
+                     num_samples: int = 1) -> StepProblem:
+        """Validate the arguments of :meth:`step` (also the other methods' ``step``) and build the
+        problem of one explicit step (seeds 0: the noise is given)."""
+        x_shape, dtype = self._check_y(y)
+        k = self.schedule.num_steps
+        if not isinstance(i, int) or not 0 <= i < k:
+            raise ValueError(f"i: expected a step index in [0, {k}), got {i!r}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+        n = y.shape[0] * num_samples
+        want = (n,) + tuple(x_shape[1:])
+        for name, tsr in (("x_t", x_t), ("noise", noise)):
+            if not isinstance(tsr, torch.Tensor) or tuple(tsr.shape) != want:
+                raise ValueError(f"{name}: expected shape {want}, got {tuple(getattr(tsr, 'shape', ()))}")
+            if tsr.dtype != dtype or tsr.device != y.device:
+                raise TypeError(f"{name}: expected {dtype} on {y.device}, got {tsr.dtype} on {tsr.device}")
+        return self._problem(y, num_samples, torch.zeros(n, dtype=torch.int64), x_shape, dtype)
 
     def sample(
         self, y: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None,
@@ -344,7 +352,7 @@ class DPS:
         """
         return run_chain(self, self._stepper, y, num_samples, generator=generator, seed=seed, seeds=seeds,
                          record=record, progress=progress, callback=callback, desc="DPS",
-                         hint=f"the guidance step is too large for this problem; try a smaller zeta (now {self.zeta!r})")
+                         hint=zeta_hint(self.zeta))
 
     def _stepper(self, backend: Backend, p: StepProblem, x: torch.Tensor) -> Callable[[int], StepOutput]:
         """The chain's step ``i`` on ``x`` in place (a CUDA-graph replay when ``cuda_graph``)."""

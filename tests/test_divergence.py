@@ -7,7 +7,7 @@ import torch
 
 from dps_fast import DPS, NoiseSchedule, NonFiniteError
 from dps_fast.demo import DEFAULT_ZETA, demo_problem
-from dps_fast.divergence import RUNAWAY_FACTOR, DivergenceGuard, runaway_limits
+from dps_fast.divergence import RUNAWAY_FACTOR, DivergenceGuard, runaway_limits, zeta_hint
 
 
 def _demo_dps(zeta: float, steps: int) -> tuple[DPS, torch.Tensor]:
@@ -66,7 +66,7 @@ def test_guard_flags_the_first_bad_step(scale, kind):
     guard.observe(4, SimpleNamespace(rnorm2=torch.ones(3), x=x, nfe=2))
     guard.observe(3, SimpleNamespace(rnorm2=torch.full((3,), float("nan")), x=x, nfe=2))
     with pytest.raises(NonFiniteError) as info:
-        guard.check(0.1)
+        guard.check(zeta_hint(0.1))
     assert (info.value.kind, info.value.step) == ((kind, 4) if kind else ("non-finite", 3))
     assert "zeta (now 0.1)" in str(info.value)
 
@@ -76,4 +76,4 @@ def test_nonfinite_still_reported_as_before():
     guard = DivergenceGuard(sched, torch.device("cpu"), factor=None)
     guard.observe(3, SimpleNamespace(rnorm2=torch.tensor([1.0, float("inf")]), x=torch.zeros(2, 3), nfe=2))
     with pytest.raises(NonFiniteError, match=r"non-finite at step i=3 \(network timestep t=999\)"):
-        guard.check()
+        guard.check(zeta_hint(0.1))

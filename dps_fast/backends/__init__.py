@@ -72,8 +72,7 @@ def get_backend(name: str, device: torch.device) -> Backend:
     ``auto``: on CUDA the Triton backend when triton imports (the CUDA extension is opt-in with
     ``backend="cuda"`` until GPU measurements say it wins; see README), else ``torch``.
     """
-    if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    check_backend(name, device)
     if name == "reference":
         return ReferenceBackend()
     if name == "torch":
@@ -81,8 +80,6 @@ def get_backend(name: str, device: torch.device) -> Backend:
     if name == "triton":
         return _triton_backend()
     if name == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend: 'cuda' needs CUDA tensors, got tensors on {device}")
         be = _cuda_backend()
         if be is None:
             logger.warning("backend 'cuda': the extension is unavailable; using the triton backend instead")

@@ -16,6 +16,7 @@ import torch
 
 from ..noise import STREAM_STEP, philox_normal
 from ..operators.base import Measurement, Operator, weighted_norm2
+from ..operators.masks import pixel_terms
 from ..profiling import nvtx_range
 from ..schedule import Coef
 from . import torch_ops
@@ -95,11 +96,7 @@ class FusedBackend(Backend):
         stage on this backend's op set, anything else answers ``residual`` (one VJP of ``A``)."""
         op, clip = p.operator, p.clip
         if op.kind == "mask":
-            terms = getattr(op, "pixel_terms", None)
-            if terms is None and p.meas.weight is not None:
-                raise TypeError(f"operator: {op!r} has kind 'mask' but no pixel_terms() for a weighted "
-                                f"(Poisson) measurement")
-            mask, y = terms(x, p.meas) if terms is not None else (op.pixel_mask(x), p.meas.y)
+            mask, y = pixel_terms(op, x, p.meas)
             return self.ops.prep_elementwise(x, eps, coefs, clip, y, mask)
         x0hat = self.ops.tweedie(x, eps, coefs, clip)
         if op.kind == "blur":

@@ -92,8 +92,9 @@ class ChainMethod:
               noise: Optional[torch.Tensor] = None, final: bool = False) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def _hint(self) -> str:
-        return "the step is too large for this problem"
+    def _hint(self) -> str:  # pragma: no cover
+        """What the :class:`~dps_fast.NonFiniteError` message tells the user to change."""
+        raise NotImplementedError
 
     def _stepper(self, backend: Backend, p: StepProblem, x: torch.Tensor) -> Callable[[int], StepOutput]:
         state = self._setup(backend, p)
@@ -117,19 +118,8 @@ class ChainMethod:
 
     def _explicit(self, x_t: torch.Tensor, i: int, y: torch.Tensor, noise: torch.Tensor,
                   num_samples: int) -> tuple[StepProblem, dict]:
-        """Validate the arguments of ``step`` (as :meth:`DPS.step`) and build its problem (seeds 0)."""
-        k = self.schedule.num_steps
-        if not isinstance(i, int) or not 0 <= i < k:
-            raise ValueError(f"i: expected a step index in [0, {k}), got {i!r}")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
-        b = y.shape[0] if isinstance(y, torch.Tensor) and y.dim() > 0 else 1
-        p, x_init = self.prepare(y, num_samples, seeds=torch.zeros(b, num_samples, dtype=torch.int64))
-        for name, tsr in (("x_t", x_t), ("noise", noise)):
-            if not isinstance(tsr, torch.Tensor) or tuple(tsr.shape) != tuple(x_init.shape):
-                raise ValueError(f"{name}: expected shape {tuple(x_init.shape)}, got {tuple(getattr(tsr, 'shape', ()))}")
-            if tsr.dtype != x_init.dtype or tsr.device != y.device:
-                raise TypeError(f"{name}: expected {x_init.dtype} on {y.device}, got {tsr.dtype} on {tsr.device}")
+        """Validate the arguments of ``step`` (:meth:`DPS.step_problem`) and build its problem and state."""
+        p = self._engine.step_problem(x_t, i, y, noise, num_samples)
         return p, self._setup(self.backend(y.device), p)
 
     def step(self, x_t: torch.Tensor, i: int, y: torch.Tensor, noise: torch.Tensor,

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..backends import Backend, StepOutput, StepProblem
+from ..divergence import zeta_hint
 from ..noise import STREAM_MEASUREMENT, philox_normal
 from ..operators import Identity, Inpainting, Matrix, SubsampledFourier, SuperResolution
 from ..operators.base import LinearOperator
@@ -89,7 +90,7 @@ class MCG(ChainMethod):
         self.guidance = guidance
 
     def _hint(self) -> str:
-        return f"the guidance step is too large for this problem; try a smaller zeta (now {self.zeta!r})"
+        return zeta_hint(self.zeta)
 
     def _setup(self, backend: Backend, p: StepProblem) -> dict:
         return {"ybar": measured_spectrum(self.view, self.operator, p.meas.y)["ybar"]}

@@ -40,7 +40,7 @@ from ..profiling import nvtx_range
 from ..sampler import DPS
 from ..schedule import Coef, NoiseSchedule
 from .base import ChainMethod, check_float, ops_of, residual
-from .svd import regularized_pinv, svd_view
+from .svd import measured_spectrum, regularized_pinv, svd_view
 
 __all__ = ["PiGDM"]
 
@@ -96,8 +96,7 @@ class PiGDM(ChainMethod):
         return f"the guidance is too strong for this problem; try a smaller zeta (now {self.zeta!r})"
 
     def _setup(self, backend: Backend, p: StepProblem) -> dict:
-        y = p.meas.y
-        return {"uty": self.view.ut(y, tuple(self.operator.input_shape(tuple(y.shape))))}
+        return {"uty": measured_spectrum(self.view, self.operator, p.meas.y)["uty"]}
 
     def _step(self, backend: Backend, p: StepProblem, x: torch.Tensor, i: int, state: dict,
               noise: Optional[torch.Tensor] = None, final: bool = False) -> StepOutput:

@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -66,11 +66,22 @@ class SVDView:
     ``vt(x)`` maps ``[N, *x]`` to spectral coordinates, ``v(c, x_shape)`` maps them back,
     ``singular(x)`` gives ``s`` broadcastable to ``vt(x)`` (rcond cut-off applied), and ``ut(y,
     x_shape)`` gives ``U^T y`` in the spectral layout, zero where ``s == 0``.
+
+    What depends only on the operator, the sample shape, dtype and device (``s``, DCT matrices,
+    masks) is built once and cached: the methods call these every step, and on CUDA a rebuilt
+    host tensor would be a host-to-device copy per step.
     """
 
     def __init__(self, operator: LinearOperator, rcond: float = 0.0) -> None:
         self.operator = operator
         self.rcond = float(rcond)
+        self._cache: dict = {}
+
+    def _cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = build()
+        return value
 
     def vt(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -78,7 +89,11 @@ class SVDView:
     def v(self, c: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def singular(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def singular(self, x: torch.Tensor) -> torch.Tensor:
+        """``s`` for samples shaped like ``x[0]`` (cached per sample shape, dtype and device)."""
+        return self._cached(("s", tuple(x.shape[1:]), x.dtype, x.device), lambda: self._singular(x))
+
+    def _singular(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def ut(self, y: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:  # pragma: no cover - abstract
@@ -95,7 +110,7 @@ class _IdentitySVD(SVDView):
     def v(self, c: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
         return c
 
-    def singular(self, x: torch.Tensor) -> torch.Tensor:
+    def _singular(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ones((), dtype=x.dtype, device=x.device)
 
     def ut(self, y: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
@@ -105,7 +120,7 @@ class _IdentitySVD(SVDView):
 class _MaskSVD(_IdentitySVD):
     """``A = diag(m)``: ``V = I``, ``s = |m|``, ``U = diag(sign(m))``."""
 
-    def singular(self, x: torch.Tensor) -> torch.Tensor:
+    def _singular(self, x: torch.Tensor) -> torch.Tensor:
         return _cutoff(self.operator.pixel_mask(x).abs(), self.rcond)
 
     def ut(self, y: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
@@ -130,7 +145,7 @@ class _BlurSVD(_FourierSVD):
     def _transfer(self, x: torch.Tensor) -> torch.Tensor:
         return self.operator.transfer(tuple(x.shape[2:]), x.device, x.dtype)
 
-    def singular(self, x: torch.Tensor) -> torch.Tensor:
+    def _singular(self, x: torch.Tensor) -> torch.Tensor:
         return _cutoff(self._transfer(x).abs(), self.rcond)
 
     def ut(self, y: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
@@ -144,13 +159,16 @@ class _FourierMaskSVD(_FourierSVD):
     """``A x = m * fftn(x, norm="ortho")`` on real ``x`` (see the module docstring)."""
 
     def _masks(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cached(("masks", like.real.dtype, like.device), lambda: self._build_masks(like))
+
+    def _build_masks(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.operator.mask.to(device=like.device, dtype=like.real.dtype)
         dims = tuple(range(m.dim()))
         m_neg = torch.roll(torch.flip(m, dims), shifts=(1,) * m.dim(), dims=dims)  # m_neg[k] = m[-k mod n]
         half = m.shape[-1] // 2 + 1
         return m[..., :half], m_neg[..., :half]
 
-    def singular(self, x: torch.Tensor) -> torch.Tensor:
+    def _singular(self, x: torch.Tensor) -> torch.Tensor:
         m, m_neg = self._masks(x)
         return _cutoff(((m.square() + m_neg.square()) * 0.5).sqrt(), self.rcond)
 
@@ -183,20 +201,24 @@ class _BoxSVD(SVDView):
             shape += [s // f, f]
         return shape
 
+    def _dct(self, like: torch.Tensor) -> torch.Tensor:
+        return self._cached(("dct", like.dtype, like.device),
+                            lambda: dct_matrix(self.operator.factor, like.dtype, like.device))
+
     def vt(self, x: torch.Tensor) -> torch.Tensor:
-        d = dct_matrix(self.operator.factor, x.dtype, x.device)
+        d = self._dct(x)
         c = x.reshape(self._blocks(tuple(x.shape)))
         for ax in range(3, c.dim(), 2):
             c = torch.movedim(torch.movedim(c, ax, -1) @ d.T, -1, ax)
         return c
 
     def v(self, c: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
-        d = dct_matrix(self.operator.factor, c.dtype, c.device)
+        d = self._dct(c)
         for ax in range(3, c.dim(), 2):
             c = torch.movedim(torch.movedim(c, ax, -1) @ d, -1, ax)
         return c.reshape(x_shape)
 
-    def singular(self, x: torch.Tensor) -> torch.Tensor:
+    def _singular(self, x: torch.Tensor) -> torch.Tensor:
         nd = x.dim() - 2
         f = self.operator.factor
         s = torch.zeros([1, 1] + [1, f] * nd, dtype=x.dtype, device=x.device)
@@ -221,15 +243,10 @@ class _MatrixSVD(SVDView):
         s_full = torch.zeros(d, dtype=torch.float64)
         s_full[: s.numel()] = s
         self._host = (u, _cutoff(s_full, self.rcond), vh)
-        self._cache: dict = {}
 
     def _parts(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (like.device, like.dtype)
-        parts = self._cache.get(key)
-        if parts is None:
-            parts = tuple(t.to(device=like.device, dtype=like.dtype) for t in self._host)
-            self._cache[key] = parts
-        return parts
+        return self._cached(("parts", like.device, like.dtype),
+                            lambda: tuple(t.to(device=like.device, dtype=like.dtype) for t in self._host))
 
     def vt(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self._parts(x)[2].T
@@ -237,7 +254,7 @@ class _MatrixSVD(SVDView):
     def v(self, c: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
         return c @ self._parts(c)[2]
 
-    def singular(self, x: torch.Tensor) -> torch.Tensor:
+    def _singular(self, x: torch.Tensor) -> torch.Tensor:
         return self._parts(x)[1]
 
     def ut(self, y: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:

@@ -9,8 +9,9 @@ Gaussian noise; :class:`~dps_fast.operators.PoissonNoise` gives ``Lambda_jj = 1/
 
 Backends may fuse an operator's work into their kernels; they recognise it by ``kind``:
 
-* ``"mask"``: ``A = diag(m)`` in pixel space (:meth:`pixel_terms` gives ``m`` and ``y``, with the
-  measurement's weight folded in);
+* ``"mask"``: ``A = diag(m)`` in pixel space: the operator's ``pixel_mask(x)`` gives ``m`` (None
+  for the identity), and :func:`dps_fast.operators.masks.pixel_terms` folds a measurement's
+  weight into ``m`` and ``y``;
 * ``"blur"``: an FFT convolution (``Blur.residual(x, meas, ops=op_set)`` runs on the backend's
   FFT ops);
 * ``"generic"``: anything else, through :meth:`Operator.residual`.

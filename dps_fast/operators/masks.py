@@ -18,9 +18,10 @@ from .base import LinearOperator, Measurement, check_signal
 __all__ = ["Identity", "Inpainting", "pixel_terms"]
 
 
-def pixel_terms(op: "Identity | Inpainting", x: torch.Tensor, meas: Measurement
+def pixel_terms(op: LinearOperator, x: torch.Tensor, meas: Measurement
                 ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """``(mask, y)`` for the fused mask path: ``(m, y)``, or with a weight ``Lambda``
+    """``(mask, y)`` for the fused path of any ``kind = "mask"`` operator (its ``pixel_mask(x)``
+    gives ``m``, or None for the identity): ``(m, y)``, or with a weight ``Lambda``
     ``(m sqrt(Lambda), sqrt(Lambda) y)`` (``[N, *S]``, computed once per measurement and dtype)."""
     if meas.weight is None:
         return op.pixel_mask(x), meas.y
@@ -53,10 +54,6 @@ class Identity(LinearOperator):
 
     def pixel_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
-
-    def pixel_terms(self, x: torch.Tensor, meas: Measurement) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """``(mask, y)`` of the fused path, the measurement's weight folded in (see :func:`pixel_terms`)."""
-        return pixel_terms(self, x, meas)
 
     def __repr__(self) -> str:
         return "Identity()"
@@ -114,10 +111,6 @@ class Inpainting(LinearOperator):
         if m.shape != sample[-m.dim():] and m.shape != sample:
             raise ValueError(f"x: mask of shape {tuple(m.shape)} does not fit samples of shape {tuple(sample)}")
         return m
-
-    def pixel_terms(self, x: torch.Tensor, meas: Measurement) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """``(mask, y)`` of the fused path, the measurement's weight folded in (see :func:`pixel_terms`)."""
-        return pixel_terms(self, x, meas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_signal(x)

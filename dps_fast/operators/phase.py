@@ -102,13 +102,8 @@ class PhaseRetrieval(Operator):
     def residual(self, x: torch.Tensor, meas: Measurement) -> tuple[torch.Tensor, torch.Tensor]:
         """``(J^T Lambda r, ||r||^2_Lambda)`` in closed form: two FFTs of the padded size."""
         Z, dims = self._spectrum(x.detach())
-        y0 = meas.extra.get("y0")
-        if y0 is None:
-            y0 = torch.fft.ifftshift(meas.y, dim=dims)
-        r = Z.abs() - y0
-        weight = meas.extra.get("weight0") if meas.weight is not None else None
-        if meas.weight is not None and weight is None:
-            weight = torch.fft.ifftshift(meas.weight, dim=dims)
+        r = Z.abs() - meas.extra["y0"]  # prepare() stores y (and its weight) in the FFT's order
+        weight = meas.extra.get("weight0")
         rw = r if weight is None else r * weight
         g = torch.fft.ifftn(rw * torch.sgn(Z), dim=dims, norm="ortho").real
         for d, n in enumerate(x.shape[2:]):
