@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import gc
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -152,13 +153,29 @@ def floor(net: Any, p: Any, x: torch.Tensor, graph: bool = False) -> Callable[[]
     return cg.replay
 
 
+#: model -> its reference copy for :func:`original` (one per model, not one per call: the
+#: max-batch search asks for ~10 steps of the same model); dropped with the model
+_REFERENCE_COPIES: "weakref.WeakKeyDictionary[ADMUNet, ADMUNet]" = weakref.WeakKeyDictionary()
+
+
+def _reference_copy(model: ADMUNet) -> ADMUNet:
+    """``model`` as the original code runs it: a copy (built once per model) in NCHW, attention
+    recomputed as guided-diffusion forces, weights requiring grad."""
+    ref = _REFERENCE_COPIES.get(model)
+    if ref is None:
+        ref = copy.deepcopy(model)
+        _set_format(ref, False)
+        force_reference_attention(ref)
+        ref.requires_grad_(True)
+        _REFERENCE_COPIES[model] = ref
+    return ref
+
+
 def original(model: ADMUNet, A: operators.GaussianBlur, y: torch.Tensor) -> Callable[[], Any]:
     """One step of the original DPS code path on a copy of ``model`` (weights requiring grad,
-    attention recomputed as guided-diffusion forces, float32, one norm over the batch)."""
-    ref = copy.deepcopy(model)
-    _set_format(ref, False)
-    force_reference_attention(ref)
-    ref.requires_grad_(True)
+    attention recomputed as guided-diffusion forces, float32, one norm over the batch); the copy
+    is made at the first call for ``model`` and reused (the weights are never changed here)."""
+    ref = _reference_copy(model)
     table = NoiseSchedule.linear(1000).table(torch.float32, y.device)
     x = torch.randn_like(y)
     noise = torch.randn_like(y)

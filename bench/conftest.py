@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -32,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from report import RATIO_WORDS, _fmt  # noqa: E402 - bench/ (this folder) is on sys.path
+
 #: extra_info keys the terminal summary prints, when a case has them (ratios and derived rates)
 SUMMARY_KEYS = (
     "speedup_torch_vs_reference", "speedup_vs_original", "speedup_vs_torch", "speedup_vs_four_ffts",
@@ -42,24 +43,15 @@ SUMMARY_KEYS = (
     "best_ours", "best_ours_images_per_s", "best_original", "best_original_images_per_s",
     "speedup_vs_original_best", "meets_target", "best_ours_pct_of_bf16_matmul",
 )
-#: any other scalar extra_info key naming a ratio is printed after those (the suites of the
-#: operators, methods, fidelity and dps2022 name theirs e.g. ratio_vs_circular, sw2_over_floor)
-_RATIO_WORDS = ("ratio", "speedup", "_over_", "_vs_", "pct")
 
 
 def _summary_keys(info: dict) -> list[str]:
-    extra = [k for k in info if k not in SUMMARY_KEYS and any(w in k for w in _RATIO_WORDS)
+    # any other scalar extra_info key naming a ratio (report.RATIO_WORDS) is printed after those (the
+    # suites of the operators, methods, fidelity and dps2022 name theirs e.g. ratio_vs_circular, sw2_over_floor)
+    extra = [k for k in info if k not in SUMMARY_KEYS and any(w in k for w in RATIO_WORDS)
              and isinstance(info[k], (int, float)) and not isinstance(info[k], bool)]
     return [k for k in SUMMARY_KEYS if info.get(k) is not None] + extra
 _ROWS = pytest.StashKey[list]()
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.3g}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    return str(v)
 
 
 def pytest_configure(config: pytest.Config) -> None:

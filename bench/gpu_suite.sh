@@ -117,33 +117,35 @@ BENCH=("$PY" -m pytest -q "${NOPLUGINS[@]}" --benchmark-only --benchmark-max-tim
 if [ -n "${BENCH_FILTER:-}" ]; then BENCH+=(-k "$BENCH_FILTER"); fi
 
 # ---- env ---------------------------------------------------------------------------------------
-"$PY" - > "$RES/env.json" 2>> "$LOG" <<'EOF'
-import json, platform, subprocess, sys
-env = {"python": platform.python_version(), "dry_run": bool(__import__("os").environ.get("DRY_RUN"))}
+# one python start: writes env.json (bench/_util.py's gpu_info() plus what only the suite
+# records) and prints 1 when CUDA is available
+HAS_CUDA=$("$PY" - "$RES/env.json" 2>> "$LOG" <<'EOF'
+import json, os, platform, subprocess, sys
+env = {"python": platform.python_version(), "dry_run": bool(os.environ.get("DRY_RUN"))}
 try:
     import torch
     env.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(device=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
-                   memory_gib=round(p.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version())
-    else:
-        env["device"] = "cpu"
 except Exception as exc:
     env["torch"] = f"unavailable: {exc}"
-try:
-    import triton
-    env["triton"] = triton.__version__
-except Exception:
-    env["triton"] = None
+try:  # the device and versions as every benchmark row records them; a failure here costs no phase
+    sys.path.insert(0, "bench")
+    from _util import gpu_info
+    env.update(gpu_info())
+    if env.get("cuda_available"):
+        env["cudnn"] = torch.backends.cudnn.version()
+except Exception as exc:
+    env["gpu_info_error"] = repr(exc)
 try:
     env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                                         "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
 except Exception:
     pass
-print(json.dumps(env))
+with open(sys.argv[1], "w") as f:
+    f.write(json.dumps(env) + "\n")
+print(int(bool(env.get("cuda_available"))))
 EOF
-HAS_CUDA=$("$PY" -c "import json,sys; print(int(bool(json.load(open(sys.argv[1])).get('cuda_available'))))" "$RES/env.json" 2>/dev/null || echo 0)
+) || HAS_CUDA=0
+HAS_CUDA=${HAS_CUDA##*$'\n'}  # its last line: anything an import printed before it is not the flag
 note "== dps_fast GPU suite: commit $COMMIT, cuda=$HAS_CUDA, ${DRY_RUN:+DRY RUN, }results in $RES, budget ${SUITE_S}s"
 note "$(cat "$RES/env.json")"
 if [ "$HAS_CUDA" != 1 ] && [ -z "${DRY_RUN:-}" ]; then

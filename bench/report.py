@@ -30,7 +30,7 @@ KEYS = ["variant", "impl", "op", "dtype", "batch", "gbps", "pct_of_copy", "speed
         "ratio_to_two_bare_ffts", "overhead_over_floor_pct", "overhead_ci95_pct", "speedup_vs_original",
         "images_per_s", "floor_images_per_s", "seconds_per_image_1000_steps", "tflops", "pct_of_bf16_matmul",
         "bf16_matmul_tflops", "speedup_torch_vs_reference", "speedup_vs_batch1", "auto_vs_best_fixed",
-        "max_batch_ours", "max_batch_original", "max_batch_ratio", "rows", "ratio"]
+        "max_batch_ours", "max_batch_original", "max_batch_ratio", "rows"]
 
 SECTIONS = [("test_step.py", "Step variants (phase b)"), ("test_kernels.py", "Kernels (phase c)"),
             ("test_max_batch.py", "Max batch (phase d)"),
@@ -137,7 +137,7 @@ def auto_vs_best_fixed(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
         return None
     best_ips, best_batch = max(fixed)
     return {"auto_images_per_s": auto[0], "best_fixed_batch": best_batch, "best_fixed_images_per_s": best_ips,
-            "auto_vs_best_fixed": auto[0] / best_ips, "auto_rows": auto[1].get("auto_rows")}
+            "auto_vs_best_fixed": auto[0] / best_ips, "auto_rows": auto[1].get("rows")}
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 from _timing import interleaved_medians
 from _util import gpu_info
 from dps_fast.compat.dps2022 import create_sampler
+from dps_fast.models.adm import ADM_CONFIGS
 from dps_original import force_reference_attention
 from tests.compat.standins import (GaussialBlurOperator, GaussianNoise, InpaintingOperator, PosteriorSampling,
                                    create_unet, even_keep, their_ddpm_loop)
@@ -30,12 +31,6 @@ from tests.compat.standins import (GaussialBlurOperator, GaussianNoise, Inpainti
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 STEPS = 10
-TINY32 = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", learn_sigma=True,
-              attention_resolutions="16,8", num_heads=4, num_head_channels=16, use_scale_shift_norm=True,
-              resblock_updown=True)
-FFHQ256 = dict(image_size=256, num_channels=128, num_res_blocks=1, channel_mult="", learn_sigma=True,
-               attention_resolutions="16", num_heads=4, num_head_channels=64, use_scale_shift_norm=True,
-               resblock_updown=True)
 CASES = [("tiny32", op, b) for op in ("gaussian_blur", "inpainting") for b in (1, 4)] if not CUDA else \
     [("ffhq256", "gaussian_blur", b) for b in (1, 8)]
 
@@ -60,15 +55,15 @@ def _task(op_name: str, size: int, batch: int):
         kw = {"mask": (torch.rand(1, 1, size, size, generator=g) > 0.5).float().to(DEV)}
     y = op.forward(x0, **kw) + 0.05 * torch.randn(x0.shape, generator=g).to(DEV)
     cond = PosteriorSampling(op, GaussianNoise(0.05), scale=0.3)
-    return functools.partial(cond.conditioning, **kw), y, kw
+    return functools.partial(cond.conditioning, **kw), y
 
 
 @pytest.mark.parametrize("config,op_name,batch", CASES, ids=[f"{c}-{o}-b{b}" for c, o, b in CASES])
 def test_dps2022_chain_theirs_vs_ours(benchmark, config, op_name, batch):
-    cfg = TINY32 if config == "tiny32" else FFHQ256
+    cfg = ADM_CONFIGS[config]  # their create_model arguments of the preset
     model = _their_model(cfg)
     size = cfg["image_size"]
-    fn, y, kw = _task(op_name, size, batch)
+    fn, y = _task(op_name, size, batch)
     x_start = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(DEV)
     keep = even_keep(1000, STEPS)
     sampler = create_sampler(sampler="ddpm", steps=1000, noise_schedule="linear", model_mean_type="epsilon",
@@ -77,8 +72,7 @@ def test_dps2022_chain_theirs_vs_ours(benchmark, config, op_name, batch):
 
     def theirs():  # one image per call, as their script runs
         for b in range(batch):
-            one = functools.partial(fn.func, **{k: v for k, v in kw.items()})
-            their_ddpm_loop(model, x_start[b:b + 1].clone(), y[b:b + 1], one, keep)
+            their_ddpm_loop(model, x_start[b:b + 1].clone(), y[b:b + 1], fn, keep)
 
     def ours():
         sampler.p_sample_loop(model, x_start.clone(), y, fn, record=False, save_root=None)

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
 import torch
 
-from _timing import interleaved_medians
+from _timing import interleaved_medians, interleaved_times
 from _util import gpu_info
 from dps_fast import operators
 from dps_fast.models import ADMUNet
@@ -115,13 +113,10 @@ def test_gpu_images_per_s_vs_batch(benchmark, gpu_setup, scratch, batch):
     model, images, done = gpu_setup
     run = _runner(model, images, "cuda", GPU_STEPS, batch, scratch / f"gpu{batch}", torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(GPU_REPS):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        summary = run()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    last: dict[str, Any] = {}  # the last run's summary
+    times = interleaved_times({"run": lambda: last.update(summary=run())}, reps=GPU_REPS, warmup=0,
+                              device=torch.device("cuda"))["run"]
+    summary = last["summary"]
     med = statistics.median(times)
     done[batch] = med
     info = gpu_info() | {
@@ -132,8 +127,7 @@ def test_gpu_images_per_s_vs_batch(benchmark, gpu_setup, scratch, batch):
     fixed = {k: v for k, v in done.items() if k != "auto"}
     if batch == "auto" and fixed:
         best = min(fixed, key=fixed.get)
-        manifest = json.loads((summary.out_dir / "manifest.json").read_text())
         info |= {"best_fixed_batch": best, "auto_vs_best_fixed": fixed[best] / med,
-                 "auto_rows": summary.rows, "auto_batch_info": manifest.get("batch")}
+                 "auto_batch_info": summary.manifest.get("batch")}
     benchmark.extra_info.update(info)
     benchmark.pedantic(lambda: summary, rounds=1, iterations=1)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
 
 from _memory import peak_bytes
+from _timing import interleaved_times
 from _util import gpu_info
 from dps_fast import DPS, NoiseSchedule, operators, priors
 from tests.nets import TinyEps
@@ -43,25 +44,6 @@ def clock_for(device: torch.device) -> tuple[str, Callable[[], float]]:
     if device.type == "cpu" and torch.get_num_threads() == 1:
         return "thread_time", time.thread_time
     return "perf_counter", time.perf_counter
-
-
-def interleaved_times(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds of ``reps`` calls of each function, round-robin after one warm-up call each."""
-    cuda = device.type == "cuda"
-    _, clock = clock_for(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for k, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize(device)
-            t0 = clock()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times[k].append(clock() - t0)
-    return times
 
 
 def _convnet_blur(backend: str, device: torch.device):
@@ -91,6 +73,8 @@ CASES = {"convnet-blur": _convnet_blur, "gauss-d20-s500": _gauss_d20}
 
 @pytest.fixture(scope="module", params=list(CASES))
 def steppers(request):
+    """Both backends' steps of one case, timed interleaved and their memory measured ONCE per
+    case (both ``backend`` rows of the case record the same figures)."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fns, nets, shape = {}, [], None
     for backend in ("reference", "torch"):
@@ -101,26 +85,27 @@ def steppers(request):
         nets.append(p.net)
         shape = list(x.shape)
     with nets[0].frozen(), nets[1].frozen():
-        yield request.param, dev, fns, shape
+        clock_name, clock = clock_for(dev)
+        times = interleaved_times(fns, REPS, warmup=1, device=dev, clock=clock)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        minima = {k: min(v) for k, v in times.items()}
+        mem = {k: peak_bytes(fn, dev) for k, fn in fns.items()}
+        info = {"case": request.param, "shape": shape, "dtype": "float32", "clock": clock_name,
+                "median_s_interleaved": medians, "min_s_interleaved": minima, "reps": REPS, "memory": mem,
+                "speedup_torch_vs_reference": medians["reference"] / medians["torch"],
+                "speedup_torch_vs_reference_min": minima["reference"] / minima["torch"]}
+        yield fns, info
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_dps_step_cpu(benchmark, steppers, backend):
-    case, dev, fns, shape = steppers
-    times = interleaved_times(fns, REPS, dev)
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    minima = {k: min(v) for k, v in times.items()}
-    mem = {k: peak_bytes(fn, dev) for k, fn in fns.items()}
-    ratio = medians["reference"] / medians["torch"]
-    ratio_min = minima["reference"] / minima["torch"]
-    info = gpu_info() | {"case": case, "shape": shape, "dtype": "float32", "backend": backend,
-                         "clock": clock_for(dev)[0],
-                         "median_s_interleaved": medians, "min_s_interleaved": minima, "reps": REPS,
-                         "memory": mem, "speedup_torch_vs_reference": ratio,
-                         "speedup_torch_vs_reference_min": ratio_min}
+    fns, measured = steppers
+    info = gpu_info() | measured | {"backend": backend}
     benchmark.extra_info.update(info)
     benchmark.pedantic(fns[backend], rounds=10, iterations=1, warmup_rounds=1)
-    print(f"\n[{case}] reference {medians['reference'] * 1e3:.2f} ms, torch {medians['torch'] * 1e3:.2f} ms "
-          f"(medians; minima {minima['reference'] * 1e3:.2f}, {minima['torch'] * 1e3:.2f}): torch backend "
-          f"{ratio:.2f}x the reference's speed ({ratio_min:.2f}x by minima; {REPS} interleaved reps, "
-          f"{torch.get_num_threads()} thread(s), clock {clock_for(dev)[0]})")
+    med, mn = info["median_s_interleaved"], info["min_s_interleaved"]
+    print(f"\n[{info['case']}] reference {med['reference'] * 1e3:.2f} ms, torch {med['torch'] * 1e3:.2f} ms "
+          f"(medians; minima {mn['reference'] * 1e3:.2f}, {mn['torch'] * 1e3:.2f}): torch backend "
+          f"{info['speedup_torch_vs_reference']:.2f}x the reference's speed "
+          f"({info['speedup_torch_vs_reference_min']:.2f}x by minima; {REPS} interleaved reps, "
+          f"{torch.get_num_threads()} thread(s), clock {info['clock']})")

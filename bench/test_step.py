@@ -26,6 +26,7 @@ Timings are reported, never asserted.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 from typing import Any
@@ -60,24 +61,23 @@ if CUDA:
 else:
     CASES = [("eager", 2 if QUICK else 4)]
 
-_MODEL: dict[str, Any] = {}
 _RESULTS: list[dict[str, Any]] = []  # this session's rows, for test_headline
 
 
+@functools.cache
 def _model() -> Any:
-    if "m" not in _MODEL:
-        _MODEL["m"] = adm_model(CONFIG, DEV)
-    return _MODEL["m"]
+    """The session's one model (built at the first case that needs it)."""
+    return adm_model(CONFIG, DEV)
 
 
+@functools.cache
 def _matmul_tflops() -> float:
-    if "matmul" not in _MODEL:
-        n = 8192
-        a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
-        t = statistics.median(interleaved_times({"mm": lambda: a @ b}, reps=10, warmup=3, device=DEV)["mm"])
-        _MODEL["matmul"] = 2 * n**3 / t / 1e12
-    return _MODEL["matmul"]
+    """The bf16 matmul rate of this device, measured once per session."""
+    n = 8192
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    t = statistics.median(interleaved_times({"mm": lambda: a @ b}, reps=10, warmup=3, device=DEV)["mm"])
+    return 2 * n**3 / t / 1e12
 
 
 def _rates(info: dict[str, Any], seconds: float, batch: int) -> None:
@@ -122,8 +122,6 @@ def _time_ours(benchmark, variant: str, batch: int) -> dict[str, Any]:
     v = VARIANTS[variant]
     model = _model()
     A, y = problem(model, batch)
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if CUDA else 0
     step, net, p, x = ours(model, A, y, v)
     with net.frozen():
