@@ -10,7 +10,7 @@ import torch
 from _timing import interleaved_medians
 from _util import gpu_info
 from dps_fast import DPS, NoiseSchedule
-from dps_fast.demo import demo_problem
+from dps_fast.problems import demo_problem
 
 K, SAMPLES = 50, 64
 

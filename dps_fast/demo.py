@@ -7,10 +7,7 @@ scale that is too small, about right and too large: per scale, the DPS mean +- 2
 the exact posterior's, the x0hat trajectory from t = T to 0, and the errors, all from the same
 number of samples (64 by default). ``dps-fast explore`` shows the same problem with a slider.
 
-Example:
-    >>> p = demo_problem()
-    >>> p.x0.shape, p.y.shape, p.sigma_n
-    (torch.Size([1, 1, 64]), torch.Size([1, 1, 64]), 0.1)
+The problem itself is :func:`dps_fast.problems.demo_problem`.
 """
 
 from __future__ import annotations
@@ -27,18 +24,17 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from ._help import HelpFormatter, positive_float, positive_int
+from .distances import sliced_w2
 from .divergence import NonFiniteError
 from .noise import seeds_from
-from .operators import GaussianBlur
 from .operators.base import LinearOperator
-from .priors import GaussianMixturePrior
+from .problems import demo_problem
 from .sampler import DPS
 from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoProblem", "demo_problem", "run_demo", "run_zetas", "ZetaRun", "sliced_w2", "record_steps",
-           "one_thread", "add_parser", "DEFAULT_ZETA", "DEFAULT_OUT", "TOO_LARGE_FACTORS"]
+__all__ = ["run_demo", "run_zetas", "ZetaRun", "scale_errors", "record_steps", "one_thread", "add_parser", "DEFAULT_ZETA", "DEFAULT_OUT", "TOO_LARGE_FACTORS"]
 
 # "About right" for squared guidance on this problem (250 of 1000 steps), from a scan with 500
 # samples: relative error of the DPS mean vs the exact posterior mean / sliced W2 to exact samples
@@ -51,58 +47,6 @@ DEFAULT_ZETA = 0.005
 TOO_LARGE_FACTORS = (4.0, 3.0, 2.0)
 #: Where ``dps-fast demo`` writes its figure (ignored by git; the README says so).
 DEFAULT_OUT = Path("demo_out") / "dps_demo.png"
-
-
-@dataclass
-class DemoProblem:
-    prior: GaussianMixturePrior
-    operator: GaussianBlur
-    x0: torch.Tensor          # [1, 1, d] truth
-    y: torch.Tensor           # [1, 1, d] measurement
-    sigma_n: float
-    A: torch.Tensor           # [d, d] dense blur matrix (for the exact posterior)
-
-
-def demo_problem(d: int = 64, sigma_b: float = 3.0, sigma_n: float = 0.1, seed: int = 0) -> DemoProblem:
-    """The demo's prior, operator, truth and measurement (float64, deterministic in ``seed``)."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.arange(d, dtype=torch.float64)
-    dist = (s[:, None] - s[None, :]).abs()
-    dist = torch.minimum(dist, d - dist)  # periodic, like the circular blur
-    cov = 0.25 * torch.exp(-0.5 * (dist / 3.0) ** 2) + 1e-3 * torch.eye(d, dtype=torch.float64)
-    bump = torch.exp(-0.5 * ((s - d / 3) / 5.0) ** 2)
-    step = torch.where((s > d / 2) & (s < 0.8 * d), 0.8, -0.2).to(torch.float64)
-    prior = GaussianMixturePrior(torch.tensor([0.5, 0.5], dtype=torch.float64),
-                                 torch.stack([bump, step]), torch.stack([cov, cov]))
-    op = GaussianBlur(sigma_b)
-    x0 = prior.sample(1, generator=g)
-    A = op.as_matrix((1, d))
-    y = op(x0) + sigma_n * torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    return DemoProblem(prior, op, x0, y, sigma_n, A)
-
-
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_dirs: int = 256, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between point clouds ``a [n, d]`` and ``b [m, d]``.
-
-    The root mean over ``n_dirs`` random unit directions of the 1-D ``W_2^2`` of the projections;
-    with ``n != m`` the sorted projections of ``b`` are read at ``a``'s quantile levels
-    ``(k + 0.5) / n`` (linear interpolation).
-
-    >>> x = torch.randn(500, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    >>> round(sliced_w2(x, x + 0.5), 6), round(sliced_w2(x, x[:250]), 2)  # in 1-D a shift by 0.5 is 0.5
-    (0.5, 0.06)
-    """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or len(a) < 1 or len(b) < 1:
-        raise ValueError(f"a, b: expected point clouds [n, d] and [m, d], got {tuple(a.shape)} and {tuple(b.shape)}")
-    g = torch.Generator().manual_seed(seed)
-    a, b = a.double().cpu(), b.double().cpu()
-    dirs = torch.randn(a.shape[1], n_dirs, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, pb = (a @ dirs).sort(0).values, (b @ dirs).sort(0).values
-    if len(b) != len(a):
-        levels = (torch.arange(len(a), dtype=torch.float64) + 0.5) / len(a)
-        pb = torch.quantile(pb, levels, dim=0)
-    return float((pa - pb).square().mean().sqrt())
 
 
 @contextlib.contextmanager
@@ -185,7 +129,7 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
     return [runs[k] for k in order]
 
 
-def _errors(r: ZetaRun, post_mean: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
+def scale_errors(r: ZetaRun, post_mean: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     """Errors of one scale's samples: relative L2 error of their mean to the exact posterior mean,
     sliced W2 to the exact samples ``exact [n, d]``, and their mean residual norm (the sampler's)."""
     s = r.samples[:, 0]
@@ -244,7 +188,7 @@ def _run_demo(plt: Any, out: str | Path, seed: int, zeta: float, steps: int, sam
                                "samples": {k: int(r.samples.shape[0]) for k, r in panels.items()},
                                "sliced_w2_floor": floor}
     for label, r in panels.items():
-        for k, v in _errors(r, pm, exact).items():
+        for k, v in scale_errors(r, pm, exact).items():
             summary[f"{k}[{label}]"] = v
     noise_level = p.sigma_n * math.sqrt(p.y.numel())
     exact_rnorm = (exact @ p.A.T - p.y[0, 0]).norm(dim=1)  # [n] residual of each exact sample

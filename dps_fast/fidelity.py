@@ -8,7 +8,7 @@ problems with exact posteriors, and each run is scored against the exact posteri
   (m = 8, entries N(0, 1/d)), sigma_n = 0.1;
 * ``mixture-2d``: a four-component Gaussian mixture in 2-D observed through its first coordinate
   (sigma_n = 0.1): the posterior is bimodal along the second;
-* ``demo-deblur``: the demo's 1-D circular deblurring problem (:func:`dps_fast.demo.demo_problem`);
+* ``demo-deblur``: the demo's 1-D circular deblurring problem (:func:`dps_fast.problems.demo_problem`);
 * ``inpaint-1d``: a two-component mixture of smooth 1-D signals (d = 32) whose components differ
   only where 8 samples are missing, sigma_n = 0.1.
 
@@ -38,10 +38,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from .chain import NonFiniteError
-from .demo import demo_problem
+from .distances import SlicedReference as Reference, sliced_w2
 from .operators import Inpainting, Matrix
 from .operators.base import LinearOperator
 from .priors import GaussianMixturePrior, GaussianPrior, Posterior
+from .problems import demo_problem
 from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -207,38 +208,6 @@ def make_sampler(method: str, problem: Problem, schedule: NoiseSchedule, value: 
 
 
 # ---- metrics ----------------------------------------------------------------------------------
-class Reference:
-    """A point cloud ``[m, d]`` with its projections on ``n_dirs`` seeded random unit directions,
-    sorted once (sorting 20000 x 256 projections costs ~1 s; every run is compared with it)."""
-
-    def __init__(self, points: torch.Tensor, n_dirs: int = 256, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        dirs = torch.randn(points.shape[1], n_dirs, generator=g, dtype=F64)
-        self.dirs = dirs / dirs.norm(dim=0, keepdim=True)
-        self.sorted = self.project(points)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """``[n_dirs, n]`` sorted projections of ``x [n, d]``."""
-        return (self.dirs.T @ x.to(F64).T).sort(1).values
-
-
-def sliced_w2(a: torch.Tensor, b: "torch.Tensor | Reference", n_dirs: int = 256, seed: int = 0) -> float:
-    """Sliced W2 between point clouds ``a [n, d]`` and ``b [m, d]`` (or its :class:`Reference`): the
-    root of the mean over ``n_dirs`` seeded random unit directions of the 1-D W2^2 of the projections.
-    Equal sizes: sorted matching; otherwise ``a``'s sorted projections against ``b``'s quantiles at
-    levels ``(i + 1/2) / n`` (linear interpolation)."""
-    ref = b if isinstance(b, Reference) else Reference(b, n_dirs, seed)
-    pa, pb = ref.project(a), ref.sorted
-    n, m = pa.shape[1], pb.shape[1]
-    if m != n:
-        pos = (torch.arange(n, dtype=F64) + 0.5) / n * (m - 1)
-        lo = pos.floor().long()
-        hi = (lo + 1).clamp(max=m - 1)
-        frac = pos - lo
-        pb = pb[:, lo] * (1 - frac) + pb[:, hi] * frac
-    return float((pa - pb).square().mean().sqrt())
-
-
 def mode_weights(samples: torch.Tensor, post: Posterior) -> torch.Tensor:
     """Mean responsibility of each posterior component over ``samples [n, d]`` ``[K]``: for exact
     samples its expectation is the exact weight (counting each sample's most responsible component

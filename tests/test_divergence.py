@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dps_fast import DPS, NoiseSchedule, NonFiniteError
-from dps_fast.demo import DEFAULT_ZETA, demo_problem
+from dps_fast.demo import DEFAULT_ZETA
+from dps_fast.problems import demo_problem
 from dps_fast.divergence import RUNAWAY_FACTOR, DivergenceGuard, runaway_limits, zeta_hint
 
 

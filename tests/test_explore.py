@@ -220,22 +220,3 @@ def test_image_mode_with_random_weights_in_a_headless_browser(tmp_path, capsys):
     (tmp_path / "explore_image.png").write_bytes(png)
     colours, ink = _not_blank(png)
     assert colours > 200 and ink > 0.05, (colours, ink)
-
-
-def test_sliced_w2_against_a_direct_computation():
-    from dps_fast.demo import sliced_w2
-    from tests.test_ground_truth import sliced_wasserstein
-
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(300, 5, generator=g, dtype=torch.float64)
-    b = torch.randn(300, 5, generator=g, dtype=torch.float64) * 1.3 + 0.2
-    assert sliced_w2(a, b, 64, seed=1) == pytest.approx(sliced_wasserstein(a, b, 64, seed=1), rel=1e-12)
-    # unequal sizes: b's projections at a's quantile levels, one direction at a time in numpy
-    c = b[:170]
-    dirs = torch.randn(5, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    dirs = (dirs / dirs.norm(dim=0, keepdim=True)).numpy()
-    levels = (np.arange(300) + 0.5) / 300
-    per_dir = [np.mean((np.sort(a.numpy() @ u) - np.quantile(c.numpy() @ u, levels)) ** 2) for u in dirs.T]
-    assert sliced_w2(a, c, 16, seed=4) == pytest.approx(math.sqrt(np.mean(per_dir)), rel=1e-12)
-    with pytest.raises(ValueError, match="point clouds"):
-        sliced_w2(a, b[:, :3])

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from dps_fast import DPS, NoiseSchedule, operators, priors
-from dps_fast.demo import DEFAULT_ZETA, demo_problem
+from dps_fast.demo import DEFAULT_ZETA
+from dps_fast.problems import demo_problem
 
 F64 = torch.float64
 S = 2000
