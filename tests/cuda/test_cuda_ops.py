@@ -1,6 +1,6 @@
 """The CUDA extension's ops against their pure-torch contract (dps_fast.backends.torch_ops).
 
-GPU only: every test is skipped without a CUDA device (tests/cuda/test_csrc_compile.py covers
+GPU only: every test is skipped without a CUDA device (tests/cuda/test_csrc_*.py cover
 what a GPU-less machine can check, including the kernels' thread bodies emulated on the CPU).
 Outputs are poisoned with NaN before a kernel runs, so an element that is never written fails.
 """
