@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Optional, Sequence
 
-from ._help import EXIT_CODES, HelpFormatter
+from ._help import EXIT_CODES, HelpFormatter, OneLineErrorParser, os_error_message
 
 __all__ = ["main", "build_parser", "EXIT_DIVERGED", "EXIT_USAGE", "EXIT_INTERNAL"]
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compat.dps2022 import cli as compat_cli
     from .reconstruct import cli as reconstruct_cli
 
-    parser = argparse.ArgumentParser(prog="dps-fast", description=DESCRIPTION, epilog=EXIT_CODES,
+    parser = OneLineErrorParser(prog="dps-fast", description=DESCRIPTION, epilog=EXIT_CODES,
                                      formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level and print the traceback of any error")
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct_cli.add_parser(sub)
     fidelity_cli.add_parser(sub)
     compat_cli.add_parser(sub)
+    for command in sub.choices.values():  # -v works after the sub-command too ("re-run with -v" says so)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="as dps-fast -v: log at INFO level and print the traceback of any error")
     return parser
 
 
@@ -78,7 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        message = os_error_message(exc, vars(args), sys.argv[1:] if argv is None else argv) if isinstance(
+            exc, OSError) else exc
+        print(f"{name}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - the documented exit code 3, one line without -v
         if args.verbose:

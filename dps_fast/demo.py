@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ._help import HelpFormatter, positive_float, positive_int
+from ._help import HelpFormatter, check_out_file, int_at_least, positive_float, positive_int
 from .distances import sliced_w2
 from .divergence import NonFiniteError
 from .noise import seeds_from
@@ -34,7 +34,8 @@ from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_demo", "run_zetas", "ZetaRun", "scale_errors", "record_steps", "one_thread", "add_parser", "DEFAULT_ZETA", "DEFAULT_OUT", "TOO_LARGE_FACTORS"]
+__all__ = ["run_demo", "run_zetas", "ZetaRun", "scale_errors", "record_steps", "one_thread", "add_parser",
+           "DEFAULT_ZETA", "DEFAULT_OUT", "FIGURE_SUFFIXES", "TOO_LARGE_FACTORS"]
 
 # "About right" for squared guidance on this problem (250 of 1000 steps), from a scan with 500
 # samples: relative error of the DPS mean vs the exact posterior mean / sliced W2 to exact samples
@@ -47,6 +48,8 @@ DEFAULT_ZETA = 0.005
 TOO_LARGE_FACTORS = (4.0, 3.0, 2.0)
 #: Where ``dps-fast demo`` writes its figure (ignored by git; the README says so).
 DEFAULT_OUT = Path("demo_out") / "dps_demo.png"
+#: What ``--out`` may end in (matplotlib picks the format from the suffix).
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 @contextlib.contextmanager
@@ -110,7 +113,7 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
         except NonFiniteError as exc:
             if len(idx) == 1:
                 runs[idx[0]] = ZetaRun(float(zetas[idx[0]]), diverged=exc)
-                say(f"  zeta {float(zetas[idx[0]]):.3g}: diverged at step {exc.step}")
+                say(f"  zeta {float(zetas[idx[0]]):.3g}: diverged at step i={exc.step} (t={exc.timestep}, {exc.kind})")
                 return
             half = len(idx) // 2
             run(idx[:half])
@@ -149,7 +152,9 @@ def run_demo(out: str | Path = DEFAULT_OUT, seed: int = 0, zeta: float = DEFAULT
     if not (isinstance(samples, int) and samples >= 2):
         raise ValueError(f"samples: expected an int >= 2 (the panels show a standard deviation), got {samples!r}")
     if not (math.isfinite(zeta) and zeta > 0):
-        raise ValueError(f"zeta: expected a number > 0, got {zeta!r}")
+        raise ValueError(f"zeta: expected a finite number > 0, got {zeta!r}")
+    # matplotlib appends ".png" to a name without a suffix: the figure must land where "wrote" says
+    out = check_out_file(out, "out", FIGURE_SUFFIXES)
     try:
         import matplotlib
     except ImportError:
@@ -173,13 +178,17 @@ def _run_demo(plt: Any, out: str | Path, seed: int, zeta: float, steps: int, sam
     say(f"DPS at zeta {', '.join(f'{z:.3g}' for z in candidates)}: {samples} samples x {steps} steps each")
     runs = run_zetas(p.prior.eps_model(sched), sched, p.operator, p.y, p.sigma_n, candidates, samples, seed,
                      record, backend="torch", log=say, progress=progress)
-    for r in runs[:2]:
+    for r, label in zip(runs[:2], ("too small", "about right")):
         if r.diverged is not None:
-            raise r.diverged
+            raise NonFiniteError(f"the {label} scale zeta {r.zeta:.3g} diverged: {r.diverged}", step=r.diverged.step,
+                                 timestep=r.diverged.timestep, kind=r.diverged.kind)
     large = next((r for r in runs[2:] if r.diverged is None), None)
     if large is None:
-        raise NonFiniteError(f"zeta: even {min(TOO_LARGE_FACTORS)} x {zeta:g} diverges on this problem; "
-                             f"pass a smaller --zeta", step=runs[-1].diverged.step, timestep=runs[-1].diverged.timestep)
+        last = runs[-1].diverged
+        raise NonFiniteError(f"every 'too large' scale diverged (zeta {', '.join(f'{r.zeta:.3g}' for r in runs[2:])}, "
+                             f"the smallest at step i={last.step}, t={last.timestep}): even {min(TOO_LARGE_FACTORS):g} x "
+                             f"{zeta:g} diverges on this problem; pass a smaller --zeta", step=last.step,
+                             timestep=last.timestep, kind=last.kind)
     panels = {"too small": runs[0], "about right": runs[1], "too large": large}
     pm = post.mean[0]
     ps = post.cov[0].diagonal().sqrt()
@@ -260,7 +269,6 @@ def _run_demo(plt: Any, out: str | Path, seed: int, zeta: float, steps: int, sam
                  f"({steps} steps)\nfor scale: {samples} exact samples score sliced W2 {floor:.3f}, and a residual of "
                  f"{exact_resid:.2f} on average")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     summary["out"] = str(out)
@@ -270,6 +278,7 @@ def _run_demo(plt: Any, out: str | Path, seed: int, zeta: float, steps: int, sam
 
 
 def _main(args: argparse.Namespace) -> int:
+    check_out_file(args.out, "--out", FIGURE_SUFFIXES)  # before the sampling, not after it
     print(f"dps-fast demo: 1-D Gaussian deblurring (sigma_b = 3 px, sigma_n^2 = 0.01), Gaussian-mixture prior, "
           f"{args.steps} steps, {args.samples} samples per zeta, seed {args.seed}", flush=True)
     summary = run_demo(out=args.out, seed=args.seed, zeta=args.zeta, steps=args.steps, samples=args.samples,
@@ -289,14 +298,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="DPS on 1-D Gaussian deblurring with a Gaussian-mixture prior, whose exact posterior is "
                     "known:\nthe DPS mean +- 2 std, x0hat over t and the errors for a guidance scale that is too "
                     "small,\nabout right and too large. 'dps-fast explore' shows the same problem with a slider.")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output PNG path")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="the figure's file (.png, .pdf or .svg)")
     p.add_argument("--seed", type=int, default=0, help="problem and sampler seed")
     p.add_argument("--zeta", type=positive_float, default=DEFAULT_ZETA,
                    help="the 'about right' guidance scale; the figure also shows zeta/10 and a too large one "
                         f"(the first of {', '.join(f'{f:g}' for f in TOO_LARGE_FACTORS)} x zeta that does not "
                         f"diverge) (default: %(default)s, tuned on this problem)")
     p.add_argument("--steps", type=positive_int, default=250, help="sampling steps, respaced from 1000")
-    p.add_argument("--samples", type=positive_int, default=64, help="posterior samples per guidance scale")
+    p.add_argument("--samples", type=int_at_least(2), default=64,
+                   help="posterior samples per guidance scale (>= 2: the panels show a standard deviation)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_main)
     return p

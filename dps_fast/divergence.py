@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import torch
@@ -38,7 +39,7 @@ from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteError", "DivergenceGuard", "runaway_limits", "zeta_hint", "RUNAWAY_FACTOR"]
+__all__ = ["NonFiniteError", "DivergenceGuard", "runaway_limits", "zeta_hint", "describe_value", "RUNAWAY_FACTOR"]
 
 #: How far (in RMS) beyond the largest state the schedule can produce a chain may go.
 RUNAWAY_FACTOR = 10.0
@@ -62,9 +63,29 @@ class NonFiniteError(FloatingPointError):
         self.kind = kind
 
 
+def describe_value(v: Any) -> str:
+    """A number, or a tensor or list of them, as a reader wants it in a message: ``0.5``, ``[0.1, 0.2]``,
+    ``0.1 .. 0.9 (64 values)``; never a tensor repr.
+
+    >>> describe_value(torch.tensor([1.0], dtype=torch.float64)), describe_value(torch.tensor([0.5, 2.0]))
+    ('1', '[0.5, 2]')
+    """
+    if isinstance(v, torch.Tensor):
+        v = v.detach().flatten().cpu().tolist() if v.numel() != 1 else v.item()
+    if isinstance(v, (list, tuple)):
+        if len(v) == 1:
+            return describe_value(v[0])
+        if len(v) > 4 and all(isinstance(u, (int, float)) for u in v):
+            return f"{min(v):g} .. {max(v):g} ({len(v)} values)"
+        return "[" + ", ".join(describe_value(u) for u in v) + "]"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
 def zeta_hint(zeta: Any) -> str:
     """The end of a guided method's :class:`NonFiniteError` message: what to change."""
-    return f"the guidance step is too large for this problem; try a smaller zeta (now {zeta!r})"
+    return f"the guidance step is too large for this problem; try a smaller zeta (now {describe_value(zeta)})"
 
 
 def runaway_limits(schedule: NoiseSchedule, factor: float = RUNAWAY_FACTOR) -> torch.Tensor:
@@ -122,7 +143,21 @@ class DivergenceGuard:
             return
         t = int(self.schedule.timesteps[i])
         if int(self.bad_kind) == _NONFINITE:
+            # The residual of step i is computed from x0hat(x_i) before that step's guidance. x_i is the
+            # start (finite by construction) at the first step, and passed the runaway check (finite, in
+            # the schedule's range) at the others: a non-finite residual then came from the network
+            # (or the operator), not from the guidance scale.
+            if i == self.schedule.num_steps - 1 or self.limits is not None:
+                where = "the start x_T" if i == self.schedule.num_steps - 1 else "a finite x_t in the schedule's range"
+                raise NonFiniteError(
+                    f"the network returned non-finite values at step i={i} (network timestep t={t}) from {where}, "
+                    f"before any guidance was applied: the guidance scale is not the cause; check the model, its "
+                    f"checkpoint and autocast (and that the operator is finite on finite input)",
+                    step=i, timestep=t, kind="non-finite")
             raise NonFiniteError(f"x_t became non-finite at step i={i} (network timestep t={t}): {hint}",
+                                 step=i, timestep=t, kind="non-finite")
+        if not math.isfinite(float(self.bad_rms)):
+            raise NonFiniteError(f"x_t became non-finite in step i={i} (network timestep t={t}): {hint}",
                                  step=i, timestep=t, kind="non-finite")
         limit = float(self.limits[i - 1])
         raise NonFiniteError(

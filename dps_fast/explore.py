@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ._help import HelpFormatter, positive_float, positive_int
+from ._help import HelpFormatter, check_out_file, device_option, positive_float, positive_int
 from .demo import ZetaRun, one_thread, record_steps, run_zetas, scale_errors
 from .distances import sliced_w2
 from .problems import demo_problem
@@ -303,6 +303,7 @@ def _html_escape(s: str) -> str:
 # ---- command line -------------------------------------------------------------------------------
 def _main(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
+    check_out_file(args.out, "--out")  # before the scan, not after it
     image_mode = args.model is not None or args.diffusers is not None
     if args.image is not None and not image_mode:
         raise ValueError("--image: needs a model (--model NAME with --checkpoint FILE or --random-weights, or "
@@ -400,7 +401,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     img.add_argument("--guidance", choices=("normalized", "squared"), default="normalized",
                      help="normalized: zeta * grad ||r|| (the DPS code); squared: zeta/(2 sigma_n^2) grad ||r||^2")
     img.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip x0hat to [-1, 1]")
-    img.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    img.add_argument("--device", type=device_option, default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     img.add_argument("--backend", choices=BACKENDS, default="auto", help="as in dps-fast reconstruct")
     task = add_task_options(p)
     model = add_model_options(p)

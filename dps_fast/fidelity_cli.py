@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._help import HelpFormatter
+from ._help import HelpFormatter, check_out_dir
 
 __all__ = ["add_parser", "run"]
 
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``dps-fast fidelity``; bad settings raise ValueError naming the flag (exit code 2)."""
     from .fidelity import best_rows, run_fidelity
 
+    check_out_dir(args.out, "--out")  # before the runs, not after them
     try:
         report = run_fidelity(out=args.out, grid=args.grid, problems=args.problems, methods=args.methods,
                               seed=args.seed, samples=args.samples, fresh=args.fresh, threads=args.threads,

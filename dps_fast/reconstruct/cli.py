@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._help import HelpFormatter, batch_size, non_negative_float, positive_float, positive_int
+from .._help import HelpFormatter, batch_size, device_option, non_negative_float, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run_ = p.add_argument_group("execution")
     run_.add_argument("--batch-size", type=batch_size, default="auto",
                       help="images per sampler call, or auto (CUDA: fit the free memory; CPU: max(1, 8 // samples))")
-    run_.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; "
+    run_.add_argument("--device", type=device_option, default=None, help="cpu, cuda, cuda:1 (default: cuda if available; "
                                                      "torchrun: cuda:LOCAL_RANK)")
     run_.add_argument("--backend", choices=BACKENDS, default="auto",
                       help="auto: triton on CUDA, else torch; reference: autograd through the whole step "

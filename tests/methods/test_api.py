@@ -91,8 +91,8 @@ def test_nonfinite_state_names_the_step_and_what_to_change(method):
         scale = (1 - abar[t]).sqrt().view(-1, 1, 1).to(x.dtype)
         return torch.where(t.view(-1, 1, 1) < 500, torch.full_like(x, float("nan")), scale * x)
 
-    hint = {"MCG": "smaller zeta", "PiGDM": "smaller zeta", "DDRM": "eps is not finite"}[method]
-    with pytest.raises(NonFiniteError, match=rf"step i=4 .*{hint}"):
+    # x_4 passed the runaway check, so the NaN residual of step 4 is the network's, whatever the method
+    with pytest.raises(NonFiniteError, match=r"network returned non-finite values at step i=4 .*not the cause"):
         METHODS[method](exploding, sched, operators.Identity()).sample(torch.zeros(1, 1, 4, dtype=F64))
 
 
