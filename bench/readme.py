@@ -127,7 +127,8 @@ def cpu_figures_table(source: Path, args: Sequence[str]) -> str:
         ("torch backend against autograd through the whole step",
          f"{_span(torch_vs_reference, 2)}x faster", "test_dps_step_cpu[*]"),
         ("`reconstruct` images/s, batch 8 against batch 1 (tiny32)",
-         f"{_x(v('test_cpu_images_per_s_vs_batch[batch8]', 'speedup_vs_batch1'), 2)}x", "test_cpu_images_per_s_vs_batch"),
+         f"{_x(v('test_cpu_images_per_s_vs_batch[batch8]', 'speedup_vs_batch1'), 2)}x",
+         "test_cpu_images_per_s_vs_batch"),
         ("dps2022 drop-in against their loop, tiny32, 1 / 4 images",
          f"{_span(each(dps2022.format(1), 'speedup_theirs_over_ours'), 1)}x / "
          f"{_span(each(dps2022.format(4), 'speedup_theirs_over_ours'), 2)}x", "test_dps2022_chain_theirs_vs_ours"),
@@ -206,7 +207,7 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         if new != old:
             sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md",
                                                        "README.md from the results files"))
-            print(f"bench/readme.py: the README's tables differ from their results files; run python bench/readme.py",
+            print("bench/readme.py: the README's tables differ from their results files; run python bench/readme.py",
                   file=sys.stderr)
             return 1
         print(f"{len(specs)} tables match their results files")

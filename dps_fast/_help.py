@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-__all__ = ["HelpFormatter", "OneLineErrorParser", "non_negative_float", "positive_float", "positive_int", "int_at_least",
-           "batch_size", "device_option", "check_out_file", "check_out_dir", "os_error_message", "EXIT_CODES"]
+__all__ = ["HelpFormatter", "OneLineErrorParser", "non_negative_float", "positive_float", "positive_int",
+           "int_at_least", "batch_size", "device_option", "check_out_file", "check_out_dir", "os_error_message",
+           "count", "EXIT_CODES"]
 
 #: Documented in ``dps-fast --help`` and the README.
 EXIT_CODES = """exit codes:
@@ -164,4 +165,10 @@ def os_error_message(exc: OSError, options: "dict[str, object]", argv: Sequence[
     flag = flag or next((a.split("=", 1)[0] for a in argv if a.startswith("-") and a.endswith("=" + value)), None)
     flag = flag or ("--" + dest.replace("_", "-"))
     return f"{flag}: {value!r}: {reason}"
+
+
+def count(n: int, noun: str, plural: "str | None" = None) -> str:
+    """``n`` and ``noun`` agreeing in number: ``count(1, "input")`` is "1 input", ``count(3, "input")``
+    "3 inputs" (``plural`` for nouns that do not just add an s)."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ._help import HelpFormatter, check_out_file, int_at_least, positive_float, positive_int
+from ._help import HelpFormatter, check_out_file, count, int_at_least, positive_float, positive_int
 from .distances import sliced_w2
 from .divergence import NonFiniteError
 from .noise import seeds_from
@@ -123,8 +123,8 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
             runs[k] = ZetaRun(float(zetas[k]), res.samples[b].detach().cpu(),
                               {i: v[b].detach().cpu() for i, v in res.trajectory.items()},
                               res.residual_norm[b].detach().cpu())
-        say(f"  zeta {float(zetas[idx[0]]):.3g} .. {float(zetas[idx[-1]]):.3g}: {len(idx)} scales x {samples} "
-            f"samples x {schedule.num_steps} steps done")
+        say(f"  zeta {float(zetas[idx[0]]):.3g} .. {float(zetas[idx[-1]]):.3g}: {count(len(idx), 'scale')} x "
+            f"{count(samples, 'sample')} x {schedule.num_steps} steps done")
 
     order = list(range(len(zetas)))
     for start in range(0, len(order), max_batch):
@@ -185,10 +185,10 @@ def _run_demo(plt: Any, out: str | Path, seed: int, zeta: float, steps: int, sam
     large = next((r for r in runs[2:] if r.diverged is None), None)
     if large is None:
         last = runs[-1].diverged
-        raise NonFiniteError(f"every 'too large' scale diverged (zeta {', '.join(f'{r.zeta:.3g}' for r in runs[2:])}, "
-                             f"the smallest at step i={last.step}, t={last.timestep}): even {min(TOO_LARGE_FACTORS):g} x "
-                             f"{zeta:g} diverges on this problem; pass a smaller --zeta", step=last.step,
-                             timestep=last.timestep, kind=last.kind)
+        tried = ", ".join(f"{r.zeta:.3g}" for r in runs[2:])
+        raise NonFiniteError(f"every 'too large' scale diverged (zeta {tried}; the smallest at step i={last.step}, "
+                             f"t={last.timestep}): even {min(TOO_LARGE_FACTORS):g} x {zeta:g} diverges on this "
+                             f"problem; pass a smaller --zeta", step=last.step, timestep=last.timestep, kind=last.kind)
     panels = {"too small": runs[0], "about right": runs[1], "too large": large}
     pm = post.mean[0]
     ps = post.cov[0].diagonal().sqrt()

@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ._help import HelpFormatter, check_out_file, device_option, positive_float, positive_int
+from ._help import HelpFormatter, check_out_file, count, device_option, positive_float, positive_int
 from .demo import ZetaRun, one_thread, record_steps, run_zetas, scale_errors
 from .distances import sliced_w2
 from .problems import demo_problem
@@ -230,7 +230,8 @@ def explore_image(model: Callable, operator: Any, image: torch.Tensor, sigma_n: 
     if isinstance(model, torch.nn.Module):
         model = model.to(dev).eval()
     record = record_steps(sched.num_steps, times)
-    say(f"scanning {len(zetas)} guidance scales, {samples} samples x {sched.num_steps} steps each on {dev}")
+    say(f"scanning {count(len(zetas), 'guidance scale')}, {count(samples, 'sample')} x {sched.num_steps} steps each "
+        f"on {dev}")
 
     def run(zs: Sequence[float]) -> list[ZetaRun]:
         # no torch.compile by default: splitting a diverging batch changes the shape, and every
@@ -262,7 +263,8 @@ def explore_image(model: Callable, operator: Any, image: torch.Tensor, sigma_n: 
         "mode": "image",
         "title": f"DPS on {name}: the guidance scale",
         "subtitle": (f"{operator!r}, noise sigma_n = {sigma_n:g}, {guidance} guidance{', x0hat clipped' if clip else ''}; "
-                     f"{sched.num_steps} steps, {samples} samples per zeta, the same noise for every zeta (seed {seed})."),
+                     f"{sched.num_steps} steps, {count(samples, 'sample')} per zeta, the same noise for every zeta "
+                     f"(seed {seed})."),
         "truth_image": _png_uri(image), "measurement_image": _png_uri(y_cpu.float()) if show_y else None,
         "times": [int(sched.timesteps[i]) for i in record],
         "scales": scales,
@@ -401,7 +403,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     img.add_argument("--guidance", choices=("normalized", "squared"), default="normalized",
                      help="normalized: zeta * grad ||r|| (the DPS code); squared: zeta/(2 sigma_n^2) grad ||r||^2")
     img.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip x0hat to [-1, 1]")
-    img.add_argument("--device", type=device_option, default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    img.add_argument("--device", type=device_option, default=None,
+                     help="cpu, cuda, cuda:1 (default: cuda if available)")
     img.add_argument("--backend", choices=BACKENDS, default="auto", help="as in dps-fast reconstruct")
     task = add_task_options(p)
     model = add_model_options(p)

@@ -61,8 +61,8 @@ def test_a_changed_figure_is_caught():
 
 def test_check_exits_1_on_a_stale_readme(tmp_path, capsys):
     (tmp_path / "bench" / "results").mkdir(parents=True)
-    (tmp_path / "bench" / "results" / "r.md").write_text("# run\n\n## Best\n\nprose\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
-                                                          "## Other\n\n| c |\n|---|\n| 3 |\n")
+    results = "# run\n\n## Best\n\nprose\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n## Other\n\n| c |\n|---|\n| 3 |\n"
+    (tmp_path / "bench" / "results" / "r.md").write_text(results)
     marker = "<!-- table: section bench/results/r.md Best -->"
     good = f"intro\n\n{marker}\n| a | b |\n|---|---|\n| 1 | 2 |\n<!-- /table -->\n\nend\n"
     (tmp_path / "README.md").write_text(good.replace("| 1 | 2 |", "| 1 | 3 |"))

@@ -19,9 +19,10 @@ Backends may fuse an operator's work into their kernels; they recognise it by ``
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -75,6 +76,16 @@ def _check_weight(weight: Optional[torch.Tensor], y: torch.Tensor) -> Optional[t
     return weight.to(y.real.dtype if y.is_complex() else y.dtype)
 
 
+def _takes_a_tensor(residual: Callable) -> Callable:
+    """``residual(x, meas)`` that also accepts ``meas`` as the tensor ``y`` (prepared on the call)."""
+
+    @functools.wraps(residual)
+    def wrapped(self: "Operator", x: torch.Tensor, meas: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return residual(self, x, meas if isinstance(meas, Measurement) else self.measurement(meas))
+
+    return wrapped
+
+
 class Operator:
     """Base class of every forward model ``y = A(x) + n`` (linear or not).
 
@@ -95,6 +106,12 @@ class Operator:
 
     kind: str = "generic"
     linear: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every override of residual takes y as a tensor too (see Operator.residual)
+        super().__init_subclass__(**kwargs)
+        if "residual" in cls.__dict__:
+            cls.residual = _takes_a_tensor(cls.__dict__["residual"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
@@ -131,6 +148,14 @@ class Operator:
         """
         return Measurement(y, weight=_check_weight(weight, y))
 
+    def measurement(self, meas: "Measurement | torch.Tensor") -> Measurement:
+        """``meas`` as a :class:`Measurement`: one from :meth:`prepare` as it is, a tensor ``y`` prepared."""
+        if isinstance(meas, Measurement):
+            return meas
+        if isinstance(meas, torch.Tensor):
+            return self.prepare(meas)
+        raise TypeError(f"meas: expected the measurement y (a tensor) or A.prepare(y), got {type(meas).__name__}")
+
     def vjp(self, x: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
         """``J_A(x)^T cotangent`` (real part for a real domain), shaped like ``x``: one autograd VJP."""
         with torch.enable_grad():
@@ -141,12 +166,15 @@ class Operator:
             (w,) = torch.autograd.grad(out, xg, grad_outputs=cotangent.to(out.dtype))
         return w
 
-    def residual(self, x: torch.Tensor, meas: Measurement) -> tuple[torch.Tensor, torch.Tensor]:
+    def residual(self, x: torch.Tensor, meas: "Measurement | torch.Tensor") -> tuple[torch.Tensor, torch.Tensor]:
         """``(J_A(x)^T Lambda r, ||r||^2_Lambda per sample [N])`` with ``r = A(x) - y``.
 
+        ``meas``: ``A.prepare(y)`` (what every residual of one ``y`` shares, computed once: what the
+        samplers pass), or the measurement ``y`` itself, prepared on each call (``Lambda = I``).
         One forward with a graph and one VJP of ``A`` (``x`` is detached first: this never
         differentiates through the caller's graph).
         """
+        meas = self.measurement(meas)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             out = self.forward(xg)

@@ -211,6 +211,9 @@ class Blur(LinearOperator):
             raise ValueError(f"kernel: expected [k] or [kh, kw], got shape {tuple(kernel.shape)}")
         if not torch.isfinite(kernel).all():
             raise ValueError("kernel: expected finite values, got NaN or inf")
+        if not bool((kernel != 0).any()):
+            # A = 0: y holds no information about x and every guidance step is zero
+            raise ValueError(f"kernel: expected at least one non-zero tap, got all zeros (shape {tuple(kernel.shape)})")
         if boundary not in BOUNDARIES:
             raise ValueError(f"boundary: expected one of {BOUNDARIES}, got {boundary!r}")
         self._kernel = kernel.detach().to(torch.float64).cpu()

@@ -85,8 +85,16 @@ class Inpainting(LinearOperator):
     def box(cls, shape: Sequence[int], box: Sequence[int], top_left: Optional[Sequence[int]] = None) -> "Inpainting":
         """Mask out one box of size ``box`` (centred unless ``top_left`` is given)."""
         shape, box = tuple(shape), tuple(box)
-        if len(shape) != len(box) or any(b > s or b < 0 for b, s in zip(box, shape)):
+        if len(shape) != len(box):
+            hint = (f"; for one box shared by the channels pass shape={shape[-len(box):]}"
+                    if 0 < len(box) < len(shape) else "")
+            raise ValueError(f"box: expected one size per axis of shape {shape} ({len(shape)} sizes), got {len(box)}: "
+                             f"{box}{hint}")
+        if any(b > s or b < 0 for b, s in zip(box, shape)):
             raise ValueError(f"box: expected a size within the image {shape}, got {box}")
+        if top_left is not None and len(tuple(top_left)) != len(shape):
+            raise ValueError(f"top_left: expected one index per axis of shape {shape} ({len(shape)} indices), "
+                             f"got {tuple(top_left)}")
         start = tuple(top_left) if top_left is not None else tuple((s - b) // 2 for s, b in zip(shape, box))
         m = torch.ones(shape, dtype=torch.float64)
         m[tuple(slice(a, a + b) for a, b in zip(start, box))] = 0.0

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._help import HelpFormatter, batch_size, device_option, non_negative_float, positive_float, positive_int
+from .._help import HelpFormatter, batch_size, count, device_option, non_negative_float, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run_ = p.add_argument_group("execution")
     run_.add_argument("--batch-size", type=batch_size, default="auto",
                       help="images per sampler call, or auto (CUDA: fit the free memory; CPU: max(1, 8 // samples))")
-    run_.add_argument("--device", type=device_option, default=None, help="cpu, cuda, cuda:1 (default: cuda if available; "
-                                                     "torchrun: cuda:LOCAL_RANK)")
+    run_.add_argument("--device", type=device_option, default=None,
+                      help="cpu, cuda, cuda:1 (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
     run_.add_argument("--backend", choices=BACKENDS, default="auto",
                       help="auto: triton on CUDA, else torch; reference: autograd through the whole step "
                            "(slow, for checks); torch: the fast path in PyTorch; triton: fused kernels "
@@ -314,9 +314,10 @@ def _merge_only(args: argparse.Namespace) -> int:
         status = "complete" if inputs.get("missing_count") == 0 else "incomplete"
     manifest.update(inputs=inputs, status=status)
     write_json(out / MANIFEST, manifest)
-    print(f"merged {len(records)} finished items into {out / 'metrics.csv'}")
+    print(f"merged {count(len(records), 'finished item')} into {out / 'metrics.csv'}")
     hint = " (re-run the same command to resume)" if status in ("interrupted", "incomplete", "failed") else ""
-    print(f"status: {status}, {len(records)}/{total if total is not None else '?'} inputs done{hint}")
+    print(f"status: {status}, {len(records)}/{total if total is not None else '?'} "
+          f"{'input' if total == 1 else 'inputs'} done{hint}")
     return 0
 
 
@@ -361,9 +362,10 @@ def run(args: argparse.Namespace) -> int:
         **_noise_kwargs(args))
     if summary.rank == 0:
         if summary.skipped:  # each one was logged when it was skipped
-            print(f"{len(summary.skipped)} inputs skipped (listed in {summary.out_dir / 'manifest.json'})",
+            print(f"{count(len(summary.skipped), 'input')} skipped (listed in {summary.out_dir / 'manifest.json'})",
                   file=sys.stderr)
-        print(f"{summary.done}/{summary.total} inputs done ({summary.finished_now} now, {summary.already_done} "
+        inputs = "input" if summary.total == 1 else "inputs"
+        print(f"{summary.done}/{summary.total} {inputs} done ({summary.finished_now} now, {summary.already_done} "
               f"before, {len(summary.skipped)} skipped, {len(summary.missing)} missing) in {summary.seconds:.1f} s "
               f"-> {summary.out_dir}")
     return 0
