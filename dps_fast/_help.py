@@ -155,7 +155,10 @@ def os_error_message(exc: OSError, options: "dict[str, object]", argv: Sequence[
         if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
             continue
         p = Path(os.fspath(value)).absolute()
-        if (p == target or p in target.parents) and (best is None or len(p.parts) > best[0]):
+        # the path itself, a file inside it (a folder option), or the ".NAME..." temporary file of
+        # an atomic write beside it (a file option)
+        beside = target.parent == p.parent and target.name.startswith("." + p.name)
+        if (p == target or p in target.parents or beside) and (best is None or len(p.parts) > best[0]):
             best = (len(p.parts), dest, os.fspath(value))
     if best is None:
         return f"{reason}: {os.fsdecode(exc.filename)!r}"

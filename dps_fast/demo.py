@@ -123,7 +123,8 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
             runs[k] = ZetaRun(float(zetas[k]), res.samples[b].detach().cpu(),
                               {i: v[b].detach().cpu() for i, v in res.trajectory.items()},
                               res.residual_norm[b].detach().cpu())
-        say(f"  zeta {float(zetas[idx[0]]):.3g} .. {float(zetas[idx[-1]]):.3g}: {count(len(idx), 'scale')} x "
+        span = f"{float(zetas[idx[0]]):.3g}" + (f" .. {float(zetas[idx[-1]]):.3g}" if len(idx) > 1 else "")
+        say(f"  zeta {span}: {count(len(idx), 'scale')} x "
             f"{count(samples, 'sample')} x {schedule.num_steps} steps done")
 
     order = list(range(len(zetas)))

@@ -80,8 +80,8 @@ def _takes_a_tensor(residual: Callable) -> Callable:
     """``residual(x, meas)`` that also accepts ``meas`` as the tensor ``y`` (prepared on the call)."""
 
     @functools.wraps(residual)
-    def wrapped(self: "Operator", x: torch.Tensor, meas: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return residual(self, x, meas if isinstance(meas, Measurement) else self.measurement(meas))
+    def wrapped(self: "Operator", x: torch.Tensor, meas: Any, *args: Any, **kwargs: Any) -> Any:
+        return residual(self, x, meas if isinstance(meas, Measurement) else self.measurement(meas), *args, **kwargs)
 
     return wrapped
 
