@@ -25,7 +25,7 @@ from torch import nn
 
 from .backends import Backend, StepOutput, StepProblem, check_backend, get_backend
 from .chain import DPSResult, run_chain
-from .divergence import RUNAWAY_FACTOR, NonFiniteError, zeta_hint
+from .divergence import RUNAWAY_FACTOR, NonFiniteError, describe_value, zeta_hint
 from .models.wrapper import ScoreNetwork, default_channels_last
 from .noise import STREAM_INIT, philox_normal, seeds_from
 from .operators.base import Operator
@@ -142,7 +142,7 @@ class DPS:
             raise ValueError(f"guidance: expected 'squared' or 'normalized' (or one per measurement), got {guidance!r}")
         zt = torch.as_tensor(zeta, dtype=torch.float64)
         if not torch.isfinite(zt).all() or (zt < 0).any():
-            raise ValueError(f"zeta: expected finite values >= 0, got {zeta!r}")
+            raise ValueError(f"zeta: expected finite values >= 0, got {describe_value(zeta)}")
         if not (isinstance(sigma_n, (int, float)) and math.isfinite(sigma_n)) or sigma_n < 0:
             raise ValueError(f"sigma_n: expected a finite standard deviation >= 0, got {sigma_n!r}")
         if "squared" in modes and sigma_n <= 0 and noise_model is None:

@@ -113,3 +113,9 @@ def test_messages_show_numbers_not_tensor_reprs():
     assert zeta_hint(torch.tensor([0.5, 2.0])).endswith("(now [0.5, 2])")
     assert zeta_hint(torch.linspace(0.1, 0.9, 9)).endswith("(now 0.1 .. 0.9 (9 values))")
     assert "tensor(" not in zeta_hint(torch.tensor(0.25))
+
+
+def test_a_bad_zeta_tensor_is_shown_as_numbers():
+    sched = NoiseSchedule.linear(1000).respace(4)
+    with pytest.raises(ValueError, match=r"zeta: expected finite values >= 0, got \[nan, 1\]$"):
+        DPS(lambda x, t: x, sched, operators.Identity(), zeta=torch.tensor([float("nan"), 1.0]))

@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..backends import Backend, StepOutput, StepProblem
+from ..divergence import describe_value
 from ..operators.base import LinearOperator
 from ..profiling import nvtx_range
 from ..sampler import DPS
@@ -93,7 +94,7 @@ class PiGDM(ChainMethod):
         self.rcond = rcond
 
     def _hint(self) -> str:
-        return f"the guidance is too strong for this problem; try a smaller zeta (now {self.zeta!r})"
+        return f"the guidance is too strong for this problem; try a smaller zeta (now {describe_value(self.zeta)})"
 
     def _setup(self, backend: Backend, p: StepProblem) -> dict:
         return {"uty": measured_spectrum(self.view, self.operator, p.meas.y)["uty"]}
