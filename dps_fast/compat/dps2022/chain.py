@@ -121,9 +121,13 @@ class Chain:
         finally:
             bar.close()
         if int(bad) >= 0:
+            zeros = self.cond.noise == "poisson" and int((self.y == 0).sum())
+            why = (f"their Poisson step divides by |y| and y has {zeros} zero entries, so no scale makes it finite: "
+                   f"give y without zeros, or use dps_fast.DPS(noise='poisson')" if zeros else
+                   f"the guidance step is too large here: try a smaller scale (now {self.cond.scale:g})")
             raise NonFiniteError(
-                f"the chain became non-finite at step idx={int(bad)} (their code would save black images); "
-                f"the guidance step is too large here: try a smaller scale (now {self.cond.scale:g})")
+                f"the chain became non-finite at step idx={int(bad)} (their code would save black images); {why}",
+                step=int(bad))
         return x.detach()
 
     def _project_needed(self) -> bool:
