@@ -13,7 +13,10 @@ its source gives (tests/test_readme_tables.py runs the same check). The kinds:
 * ``section SOURCE HEADING``: the first markdown table under ``## HEADING`` of a results markdown file,
   verbatim (``dps-fast fidelity``'s ``fidelity.md``, or any command that writes a markdown table);
 * ``cpu-figures SOURCE``: the CPU figures of a benchmark run, from its ``bench.jsonl`` (one line per
-  benchmark, written by bench/conftest.py): each row names the benchmark and the extra_info value it shows.
+  benchmark, written by bench/conftest.py): each row names the benchmark and the extra_info value it shows;
+* ``rows SOURCE PATTERN KEY [KEY ...]``: one row per benchmark of a ``bench.jsonl`` whose name matches the
+  regular expression PATTERN, one column per KEY (an extra_info value, or ``median_s``), numbers to 3
+  significant digits.
 
 Adding a table: a results file that already holds the table needs only the two markers in the README
 (kind ``section``); otherwise write a function ``(source: Path, args: list[str]) -> str`` returning the
@@ -146,10 +149,38 @@ def cpu_figures_table(source: Path, args: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+# ---- kind "rows": chosen values of chosen benchmarks ---------------------------------------------
+def _cell(v: object) -> str:
+    if isinstance(v, bool) or v is None:
+        return "-" if v is None else str(v)
+    if isinstance(v, (int, float)):
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_cell(u) for u in v) + "]"
+    return str(v).replace("|", "\\|")
+
+
+def rows_table(source: Path, args: Sequence[str]) -> str:
+    """``| benchmark | KEY ... |``: the benchmarks of ``source`` matching ``args[0]``, the values ``args[1:]``."""
+    if len(args) < 2:
+        raise TableError(f"rows: expected a PATTERN and at least one KEY after the source file, got {list(args)}")
+    pattern, keys = args[0], list(args[1:])
+    rows: dict[str, dict] = {}
+    for line in source.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["name"]] = dict(row.get("extra_info", {}), median_s=row.get("median_s"))
+    out = ["| benchmark | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for name in _matching(rows, source, pattern):
+        out.append(f"| `{name}` | " + " | ".join(_cell(_value(rows, source, name, k)) for k in keys) + " |")
+    return "\n".join(out)
+
+
 #: marker kind -> builder ``(source, args) -> table text``
 KINDS: dict[str, Callable[[Path, Sequence[str]], str]] = {
     "section": section_table,
     "cpu-figures": cpu_figures_table,
+    "rows": rows_table,
 }
 
 

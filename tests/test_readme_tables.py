@@ -91,3 +91,16 @@ def test_bad_markers_are_named(tmp_path, spec, match):
 def test_a_marker_without_its_end_is_refused():
     with pytest.raises(readme.TableError, match="without its"):
         readme.render("<!-- table: section bench/results/x.md H -->\n| a |\n")
+
+
+def test_rows_kind_lists_chosen_values_of_matching_benchmarks(tmp_path):
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    lines = [{"name": "test_a[x]", "median_s": 0.012345, "extra_info": {"ratio": 1.23456, "ci": [1, 2.5]}},
+             {"name": "test_a[y]", "median_s": 2.0, "extra_info": {"ratio": 10.0, "ci": [0.5, 3]}},
+             {"name": "test_b", "median_s": 1.0, "extra_info": {}}]
+    (tmp_path / "bench" / "results" / "b.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    got = readme.build(r"rows bench/results/b.jsonl 'test_a\[.*\]' median_s ratio ci", tmp_path)
+    assert got.split("\n") == ["| benchmark | median_s | ratio | ci |", "| --- | ---: | ---: | ---: |",
+                               "| `test_a[x]` | 0.0123 | 1.23 | [1, 2.5] |", "| `test_a[y]` | 2 | 10 | [0.5, 3] |"]
+    with pytest.raises(readme.TableError, match="has no 'ratio'"):
+        readme.build("rows bench/results/b.jsonl test_b ratio", tmp_path)
