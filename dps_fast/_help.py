@@ -69,9 +69,8 @@ def int_at_least(low: int):
 
 
 def device_option(value: str) -> str:
-    """``--device``: a device torch knows (cpu, cuda, cuda:1, ...), and CUDA only where this torch has it.
-
-    The message is dps_fast.reconstruct's (``device: 'cuda' requested but CUDA is not available``)."""
+    """``--device`` of reconstruct and explore: a device torch knows (cpu, cuda, cuda:1, ...), and CUDA only
+    where this torch has it; checked when the command line is read, so both commands refuse it alike."""
     import torch
 
     try:
@@ -174,4 +173,3 @@ def count(n: int, noun: str, plural: "str | None" = None) -> str:
     """``n`` and ``noun`` agreeing in number: ``count(1, "input")`` is "1 input", ``count(3, "input")``
     "3 inputs" (``plural`` for nouns that do not just add an s)."""
     return f"{n} {noun if n == 1 else (plural or noun + 's')}"
-

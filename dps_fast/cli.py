@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .reconstruct import cli as reconstruct_cli
 
     parser = OneLineErrorParser(prog="dps-fast", description=DESCRIPTION, epilog=EXIT_CODES,
-                                     formatter_class=HelpFormatter)
+                                formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level and print the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -81,8 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as exc:
         if args.verbose:
             traceback.print_exc()
-        message = os_error_message(exc, vars(args), sys.argv[1:] if argv is None else argv) if isinstance(
-            exc, OSError) else exc
+        # an OS error names the option whose path failed, not a file the command made inside it
+        message = (os_error_message(exc, vars(args), sys.argv[1:] if argv is None else argv)
+                   if isinstance(exc, OSError) else str(exc))
         print(f"{name}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - the documented exit code 3, one line without -v

@@ -34,7 +34,7 @@ from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_demo", "run_zetas", "ZetaRun", "scale_errors", "record_steps", "one_thread", "add_parser",
+__all__ = ["run_demo", "run_zetas", "ZetaRun", "scan_errors", "record_steps", "one_thread", "add_parser",
            "DEFAULT_ZETA", "DEFAULT_OUT", "FIGURE_SUFFIXES", "TOO_LARGE_FACTORS"]
 
 # "About right" for squared guidance on this problem (250 of 1000 steps), from a scan with 500
@@ -133,7 +133,7 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
     return [runs[k] for k in order]
 
 
-def scale_errors(r: ZetaRun, post_mean: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
+def scan_errors(r: ZetaRun, post_mean: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     """Errors of one scale's samples: relative L2 error of their mean to the exact posterior mean,
     sliced W2 to the exact samples ``exact [n, d]``, and their mean residual norm (the sampler's)."""
     s = r.samples[:, 0]
@@ -198,7 +198,7 @@ def _run_demo(plt: Any, out: str | Path, seed: int, zeta: float, steps: int, sam
                                "samples": {k: int(r.samples.shape[0]) for k, r in panels.items()},
                                "sliced_w2_floor": floor}
     for label, r in panels.items():
-        for k, v in scale_errors(r, pm, exact).items():
+        for k, v in scan_errors(r, pm, exact).items():
             summary[f"{k}[{label}]"] = v
     noise_level = p.sigma_n * math.sqrt(p.y.numel())
     exact_rnorm = (exact @ p.A.T - p.y[0, 0]).norm(dim=1)  # [n] residual of each exact sample

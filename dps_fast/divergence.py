@@ -148,12 +148,12 @@ class DivergenceGuard:
             # the schedule's range) at the others: a non-finite residual then came from the network
             # (or the operator), not from the guidance scale.
             if i == self.schedule.num_steps - 1 or self.limits is not None:
-                where = "the start x_T" if i == self.schedule.num_steps - 1 else "a finite x_t in the schedule's range"
+                where = ("the start x_T, before any guidance" if i == self.schedule.num_steps - 1
+                         else "a finite x_t in the schedule's range, before this step's guidance")
                 raise NonFiniteError(
-                    f"the network returned non-finite values at step i={i} (network timestep t={t}) from {where}, "
-                    f"before any guidance was applied: the guidance scale is not the cause; check the model, its "
-                    f"checkpoint and autocast (and that the operator is finite on finite input)",
-                    step=i, timestep=t, kind="non-finite")
+                    f"the network returned non-finite values at step i={i} (network timestep t={t}) from {where}: "
+                    f"the guidance scale is not the cause; check the model, its checkpoint and autocast (and that "
+                    f"the operator is finite on finite input)", step=i, timestep=t, kind="non-finite")
             raise NonFiniteError(f"x_t became non-finite at step i={i} (network timestep t={t}): {hint}",
                                  step=i, timestep=t, kind="non-finite")
         if not math.isfinite(float(self.bad_rms)):

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ._help import HelpFormatter, check_out_file, count, device_option, positive_float, positive_int
-from .demo import ZetaRun, one_thread, record_steps, run_zetas, scale_errors
+from .demo import ZetaRun, one_thread, record_steps, run_zetas, scan_errors
 from .distances import sliced_w2
 from .problems import demo_problem
 from .schedule import NoiseSchedule
@@ -166,7 +166,7 @@ def _explore_1d(steps: int, samples: int, seed: int, zetas: list[float], times: 
             entry.update(traj=[_r(r.trajectory[i][0, 0]) for i in record], samples=_r(s[:8]), mean=_r(m),
                          lo=_r(m - 2 * sd), hi=_r(m + 2 * sd))
             # residual_norm: the sampler's final residual norms, equal to resid(s) up to float64 rounding
-            entry["errors"] = {k: _r(v) for k, v in scale_errors(r, pm, exact).items()}
+            entry["errors"] = {k: _r(v) for k, v in scan_errors(r, pm, exact).items()}
         scales.append(entry)
     data = {
         "mode": "1d",

@@ -217,7 +217,7 @@ def test_random_weights_run_without_a_checkpoint(images, tmp_path, capsys):
     assert main(_recon(images, out, "--random-weights")) == 0
     m = json.loads((out / MANIFEST).read_text())
     assert m["status"] == "complete" and m["options"]["model_source"]["random_weights"] == {"seed": 0, "scale": 0.05}
-    assert "1/1 inputs done" in capsys.readouterr().out
+    assert "1/1 input done" in capsys.readouterr().out  # not "1/1 inputs"
 
 
 def test_empty_input_folder_warns(tmp_path, caplog):
@@ -247,4 +247,4 @@ def test_merge_only_shows_an_interrupted_run(images, tmp_path, capsys, monkeypat
     assert runner_mod.run_status(m) == "interrupted"
     capsys.readouterr()
     assert main(["reconstruct", "--out", str(out), "--merge-only"]) == 0
-    assert "status: complete, 1/1 inputs done" in capsys.readouterr().out  # its one item had finished
+    assert "status: complete, 1/1 input done" in capsys.readouterr().out  # its one item had finished
