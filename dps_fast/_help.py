@@ -19,6 +19,7 @@ EXIT_CODES = """exit codes:
   1    a chain diverged (NaN/inf or runaway growth; the message names the step): try a smaller --zeta
   2    usage or input error (bad option, missing or unreadable file, --out is a file, ...)
   3    unexpected internal error: one line; re-run with -v for the traceback
+  4    dps-fast reconstruct: nothing was reconstructed (every input skipped, or none found)
   130  interrupted (Ctrl-C); dps-fast reconstruct resumes when the same command is re-run"""
 
 

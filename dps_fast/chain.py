@@ -1,7 +1,7 @@
 """The reverse chain every sampling method runs, in one place.
 
-:func:`run_chain` owns what DPS and the other likelihood approximations (:mod:`dps_fast.methods`)
-share: the record/step validation, the per-sample seeds and ``x_T`` (through the sampler's
+:func:`run_chain` is the loop of :meth:`dps_fast.engine.Engine.sample`, which DPS and the other
+likelihood approximations (:mod:`dps_fast.methods`) share: the record/step validation, the per-sample seeds and ``x_T`` (through the sampler's
 ``prepare``), the step loop with its progress bar, trajectory, callback and non-finite checks,
 and the :class:`DPSResult`. A method only supplies a *stepper*: a function that, given the
 backend, the :class:`~dps_fast.backends.StepProblem` and the state ``x`` (updated in place),
@@ -53,7 +53,7 @@ class DPSResult:
 
 
 class ChainSetup(Protocol):
-    """What :func:`run_chain` needs from a sampler (``DPS`` provides it)."""
+    """What :func:`run_chain` needs from a sampler (:class:`~dps_fast.engine.Engine` provides it)."""
 
     schedule: NoiseSchedule
     check_every: Optional[int]
@@ -78,8 +78,8 @@ def run_chain(
     and ``hint`` ends the :class:`NonFiniteError` message (what to change).
 
     Example:
-        >>> res = run_chain(dps, dps._stepper, y, num_samples=4, seed=0, desc="DPS",
-        ...                 hint=zeta_hint(dps.zeta))   # doctest: +SKIP
+        >>> res = run_chain(dps, dps.stepper, y, num_samples=4, seed=0, desc="DPS",
+        ...                 hint=dps.hint())   # doctest: +SKIP
     """
     k = sampler.schedule.num_steps
     rec = set(range(k)) if record == "all" else set(record or ())

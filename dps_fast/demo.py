@@ -29,7 +29,6 @@ from .divergence import NonFiniteError
 from .noise import seeds_from
 from .operators.base import LinearOperator
 from .problems import demo_problem
-from .sampler import DPS
 from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -89,13 +88,26 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
               zetas: Sequence[float], samples: int, seed: int = 0, record: Sequence[int] = (),
               guidance: str = "squared", clip_x0: Optional[tuple[float, float]] = None, backend: str = "auto",
               log: Optional[Callable[[str], None]] = None, max_batch: int = 64, progress: bool = False,
-              **dps_options: Any) -> list[ZetaRun]:
-    """DPS for one measurement ``y [1, *out]`` at each guidance scale, with the same noise for all.
+              method: str = "dps", **dps_options: Any) -> list[ZetaRun]:
+    """``method`` (DPS by default; :mod:`dps_fast.methods.registry`) for one measurement
+    ``y [1, *out]`` at each value ``zetas`` of its hyperparameter, with the same noise for all.
 
-    Scales run together as rows of one batch (one zeta per row, the same ``samples`` seeds per
-    row), at most ``max_batch`` rows at a time; a batch in which a chain diverges is split in
-    halves until each diverging scale is alone, and that scale gets ``diverged`` set.
+    Guidance scales run together as rows of one batch (one zeta per row, the same ``samples``
+    seeds per row), at most ``max_batch`` rows at a time; a batch in which a chain diverges is
+    split in halves until each diverging scale is alone, and that scale gets ``diverged`` set.
+    A hyperparameter that is not per measurement (DDRM's eta) runs one value per call.
+    ``guidance`` and ``clip_x0`` go to the methods that take them.
     """
+    from .methods.registry import get_method
+
+    spec = get_method(method)
+    unused = spec.cls.unused_options
+    if spec.guided:
+        dps_options["guidance"] = guidance
+    if "clip_x0" not in unused:
+        dps_options["clip_x0"] = clip_x0
+    elif clip_x0 is not None:
+        raise ValueError(f"clip_x0: {spec.name} does not clip x0hat, got {clip_x0!r}")
     if y.dim() < 2 or y.shape[0] != 1:
         raise ValueError(f"y: expected one measurement [1, ...], got shape {tuple(y.shape)}")
     say = log or logger.info
@@ -103,9 +115,15 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
     runs: dict[int, ZetaRun] = {}
 
     def run(idx: list[int]) -> None:
-        z = torch.tensor([float(zetas[k]) for k in idx], dtype=torch.float64)
-        dps = DPS(model, schedule, operator, zeta=z, sigma_n=sigma_n, guidance=guidance, clip_x0=clip_x0,
-                  backend=backend, **dps_options)
+        if spec.param == "zeta":  # one guidance scale per row
+            value: Any = torch.tensor([float(zetas[k]) for k in idx], dtype=torch.float64)
+        elif len(idx) > 1:
+            for k in idx:
+                run([k])
+            return
+        else:
+            value = float(zetas[idx[0]])
+        dps = spec.build(model, schedule, operator, value, sigma_n=sigma_n, backend=backend, **dps_options)
         rows = y.expand((len(idx),) + tuple(y.shape[1:]))
         try:
             res = dps.sample(rows, num_samples=samples, seeds=seeds.expand(len(idx), samples).clone(), record=record,
@@ -113,7 +131,8 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
         except NonFiniteError as exc:
             if len(idx) == 1:
                 runs[idx[0]] = ZetaRun(float(zetas[idx[0]]), diverged=exc)
-                say(f"  zeta {float(zetas[idx[0]]):.3g}: diverged at step i={exc.step} (t={exc.timestep}, {exc.kind})")
+                say(f"  {spec.param} {float(zetas[idx[0]]):.3g}: diverged at step i={exc.step} "
+                    f"(t={exc.timestep}, {exc.kind})")
                 return
             half = len(idx) // 2
             run(idx[:half])
@@ -124,7 +143,7 @@ def run_zetas(model: Callable, schedule: NoiseSchedule, operator: LinearOperator
                               {i: v[b].detach().cpu() for i, v in res.trajectory.items()},
                               res.residual_norm[b].detach().cpu())
         span = f"{float(zetas[idx[0]]):.3g}" + (f" .. {float(zetas[idx[-1]]):.3g}" if len(idx) > 1 else "")
-        say(f"  zeta {span}: {count(len(idx), 'scale')} x "
+        say(f"  {spec.param} {span}: {count(len(idx), 'value')} x "
             f"{count(samples, 'sample')} x {schedule.num_steps} steps done")
 
     order = list(range(len(zetas)))

@@ -1,5 +1,9 @@
 """``dps-fast explore``: the DPS trajectory figure as one interactive, self-contained HTML page.
 
+``--method`` (:mod:`dps_fast.methods.registry`) picks the sampler: DPS (default), MCG, PiGDM or
+DDRM; the slider is over that method's hyperparameter (zeta, or DDRM's eta on a linear grid in
+[0, 1]). Below, "zeta" stands for that hyperparameter.
+
 A slider over a log grid of guidance scales zeta, from clearly too small to the largest that
 does not diverge (plus the first diverging one, shown as such), starting at the best scale of
 the scan. For the selected zeta the page shows x0hat from t = T to 0, the samples and their
@@ -39,13 +43,14 @@ import torch
 from ._help import HelpFormatter, check_out_file, count, device_option, positive_float, positive_int
 from .demo import ZetaRun, one_thread, record_steps, run_zetas, scan_errors
 from .distances import sliced_w2
+from .methods.registry import MethodSpec, get_method, method_names
 from .problems import demo_problem
 from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["explore_1d", "explore_image", "zeta_grid", "choose_scales", "write_page", "add_parser",
-           "DEFAULT_OUT", "MIN_SCALES"]
+__all__ = ["explore_1d", "explore_image", "zeta_grid", "value_grid", "choose_scales", "write_page", "add_parser",
+           "DEFAULT_OUT", "MIN_SCALES", "SCAN_1D"]
 
 DEFAULT_OUT = Path("demo_out") / "explore.html"
 #: The default scans give the slider at least this many non-diverging scales (refining if needed).
@@ -64,6 +69,33 @@ def zeta_grid(lo: float, hi: float, n: int) -> list[float]:
     if not (isinstance(n, int) and n >= 2):
         raise ValueError(f"zetas: expected an int >= 2, got {n!r}")
     return [lo * (hi / lo) ** (k / (n - 1)) for k in range(n)]
+
+
+#: The 1-D problem's default scan per method: ``(lo, hi, log)`` (DPS and MCG: squared guidance).
+SCAN_1D = {"dps": (1e-4, 0.1, True), "mcg": (1e-4, 0.1, True), "pigdm": (0.03, 30.0, True), "ddrm": (0.0, 1.0, False)}
+SYMBOLS = {"zeta": "\u03b6", "eta": "\u03b7"}
+
+
+def value_grid(lo: float, hi: float, n: int, log: bool = True) -> list[float]:
+    """``n`` values from ``lo`` to ``hi``: :func:`zeta_grid` when ``log``, else evenly spaced.
+
+    >>> value_grid(0.0, 1.0, 3, log=False)
+    [0.0, 0.5, 1.0]
+    """
+    if log:
+        return zeta_grid(lo, hi, n)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise ValueError(f"value range: expected 0 <= min < max, got {lo!r} and {hi!r}")
+    if not (isinstance(n, int) and n >= 2):
+        raise ValueError(f"zetas: expected an int >= 2, got {n!r}")
+    return [lo + (hi - lo) * k / (n - 1) for k in range(n)]
+
+
+def _param(spec: MethodSpec) -> dict[str, str]:
+    """How the page names the scanned hyperparameter."""
+    what = "guidance scale" if spec.param == "zeta" else "noise level"
+    return {"name": spec.param, "symbol": SYMBOLS.get(spec.param, spec.param),
+            "label": f"{spec.name} {what}"}
 
 
 def choose_scales(runs: list[ZetaRun]) -> list[ZetaRun]:
@@ -123,10 +155,11 @@ def _pick_best(scales: list[dict[str, Any]], key: str, lower_is_better: bool) ->
 
 def explore_1d(steps: int = 250, samples: int = 64, seed: int = 0, zetas: Optional[Sequence[float]] = None,
                times: int = 7, min_scales: int = MIN_SCALES, log: Optional[Callable[[str], None]] = None,
-               progress: bool = False) -> dict:
-    """Scan the demo's 1-D problem over ``zetas`` (default ``zeta_grid(1e-4, 0.1, 25)``) and
-    return the page data. ``min_scales`` non-diverging scales are guaranteed by refining the grid
-    below the divergence when the first pass has fewer (pass 0 to keep the grid as given)."""
+               progress: bool = False, method: str = "dps") -> dict:
+    """Scan the demo's 1-D problem over ``zetas`` (default: :data:`SCAN_1D` of ``method``, 25
+    values; DPS ``zeta_grid(1e-4, 0.1, 25)``) and return the page data. ``min_scales``
+    non-diverging scales are guaranteed by refining the grid below the divergence when the first
+    pass has fewer (pass 0 to keep the grid as given)."""
     say = log or logger.info
     if not (isinstance(steps, int) and steps >= 2):
         raise ValueError(f"steps: expected an int >= 2, got {steps!r}")
@@ -134,13 +167,14 @@ def explore_1d(steps: int = 250, samples: int = 64, seed: int = 0, zetas: Option
         raise ValueError(f"samples: expected an int >= 2, got {samples!r}")
     if not (isinstance(times, int) and times >= 2):
         raise ValueError(f"times: expected an int >= 2, got {times!r}")
-    zetas = list(zetas) if zetas is not None else zeta_grid(1e-4, 0.1, 25)
+    spec = get_method(method)
+    zetas = list(zetas) if zetas is not None else value_grid(*SCAN_1D[spec.key][:2], 25, SCAN_1D[spec.key][2])
     with one_thread():
-        return _explore_1d(steps, samples, seed, zetas, times, min_scales, say, progress)
+        return _explore_1d(steps, samples, seed, zetas, times, min_scales, say, progress, spec)
 
 
 def _explore_1d(steps: int, samples: int, seed: int, zetas: list[float], times: int, min_scales: int,
-                say: Callable[[str], None], progress: bool) -> dict:
+                say: Callable[[str], None], progress: bool, spec: MethodSpec) -> dict:
     t0 = time.perf_counter()
     p = demo_problem(seed=seed)
     sched = NoiseSchedule.linear(1000).respace(steps)
@@ -148,11 +182,12 @@ def _explore_1d(steps: int, samples: int, seed: int, zetas: list[float], times: 
     post = p.prior.posterior(p.A, p.y, p.sigma_n)
     exact = post.sample(2000, generator=torch.Generator().manual_seed(seed + 1))[0, :, 0]
     record = record_steps(steps, times)
-    say(f"scanning {len(zetas)} guidance scales, {samples} samples x {steps} steps each (1-D deblurring)")
+    say(f"scanning {len(zetas)} values of {spec.name}'s {spec.param}, {samples} samples x {steps} steps each "
+        f"(1-D deblurring)")
 
     def run(zs: Sequence[float]) -> list[ZetaRun]:
         return run_zetas(eps, sched, p.operator, p.y, p.sigma_n, zs, samples, seed, record, backend="torch",
-                         log=say, max_batch=max(1, 4096 // samples), progress=progress)
+                         log=say, max_batch=max(1, 4096 // samples), progress=progress, method=spec.key)
 
     shown = _scan(run, zetas, min_scales, say)
     pm, ps = post.mean[0], post.cov[0].diagonal().sqrt()
@@ -169,11 +204,11 @@ def _explore_1d(steps: int, samples: int, seed: int, zetas: list[float], times: 
             entry["errors"] = {k: _r(v) for k, v in scan_errors(r, pm, exact).items()}
         scales.append(entry)
     data = {
-        "mode": "1d",
-        "title": "DPS on 1-D Gaussian deblurring: the guidance scale",
+        "mode": "1d", "method": spec.name, "param": _param(spec),
+        "title": f"{spec.name} on 1-D Gaussian deblurring: the {_param(spec)['label'].split(' ', 1)[1]}",
         "subtitle": (f"Gaussian-mixture prior on signals of length {p.x0.shape[-1]}, circular Gaussian blur of 3 px, "
                      f"noise sigma_n^2 = {p.sigma_n ** 2:g}; exact posterior known. {steps} steps, {samples} "
-                     f"samples per zeta, the same noise for every zeta (seed {seed})."),
+                     f"samples per {spec.param}, the same noise for every {spec.param} (seed {seed})."),
         "x": list(range(p.x0.shape[-1])), "truth": _r(p.x0[0, 0]), "measurement": _r(p.y[0, 0]),
         "exact": {"mean": _r(pm), "lo": _r(pm - 2 * ps), "hi": _r(pm + 2 * ps), "samples": _r(exact[:8])},
         "times": [int(sched.timesteps[i]) for i in record],
@@ -186,11 +221,11 @@ def _explore_1d(steps: int, samples: int, seed: int, zetas: list[float], times: 
                      "noise_level": _r(p.sigma_n * math.sqrt(p.y.numel())),
                      "exact": _r(float(resid(exact).mean()))},
         "reference": {"sliced_w2": _r(sliced_w2(exact[:samples], exact[samples:]))},
-        "settings": {"steps": steps, "samples": samples, "seed": seed, "guidance": "squared",
-                     "sigma_n": p.sigma_n},
+        "settings": {"steps": steps, "samples": samples, "seed": seed, "method": spec.key,
+                     "guidance": "squared" if spec.guided else None, "sigma_n": p.sigma_n},
     }
     data["default"] = _pick_best(scales, "sliced_w2", lower_is_better=True)
-    say(f"best zeta of the scan: {scales[data['default']]['zeta']:.3g} (lowest sliced W2); "
+    say(f"best {spec.param} of the scan: {scales[data['default']]['zeta']:.3g} (lowest sliced W2); "
         f"{time.perf_counter() - t0:.1f} s")
     return data
 
@@ -211,18 +246,20 @@ def explore_image(model: Callable, operator: Any, image: torch.Tensor, sigma_n: 
                   guidance: str = "normalized", clip: bool = True, schedule: Optional[NoiseSchedule] = None,
                   device: Optional[torch.device] = None, backend: str = "auto", name: str = "image",
                   min_scales: int = 0, max_batch: int = 16, log: Optional[Callable[[str], None]] = None,
-                  progress: bool = False, **dps_options: Any) -> dict:
-    """Scan one image ``[C, H, W]`` (in [-1, 1]) over ``zetas`` (default ``zeta_grid(0.03, 3, 16)``)
-    with the network ``model`` and return the page data (x0hat strips over t per zeta)."""
+                  progress: bool = False, method: str = "dps", **dps_options: Any) -> dict:
+    """Scan one image ``[C, H, W]`` (in [-1, 1]) over ``zetas`` (default: the registry's scan of
+    ``method``, 16 values; DPS ``zeta_grid(0.03, 3, 16)``) with the network ``model`` and return
+    the page data (x0hat strips over t per value)."""
     from .reconstruct.metrics import psnr, ssim
-    from .reconstruct.runner import STD_PNG_GAIN, simulate_measurement
+    from .reconstruct.items import STD_PNG_GAIN, simulate_measurement
 
     say = log or logger.info
     if not (isinstance(samples, int) and samples >= 1):
         raise ValueError(f"samples: expected an int >= 1, got {samples!r}")
     if image.dim() != 3:
         raise ValueError(f"image: expected [C, H, W], got {tuple(image.shape)}")
-    zetas = list(zetas) if zetas is not None else zeta_grid(0.03, 3.0, 16)
+    spec = get_method(method)
+    zetas = list(zetas) if zetas is not None else value_grid(spec.scan[0], spec.scan[1], 16, spec.scan[2])
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     sched = schedule if schedule is not None else NoiseSchedule.linear(1000).respace(steps)
@@ -230,16 +267,17 @@ def explore_image(model: Callable, operator: Any, image: torch.Tensor, sigma_n: 
     if isinstance(model, torch.nn.Module):
         model = model.to(dev).eval()
     record = record_steps(sched.num_steps, times)
-    say(f"scanning {count(len(zetas), 'guidance scale')}, {count(samples, 'sample')} x {sched.num_steps} steps each "
-        f"on {dev}")
+    say(f"scanning {len(zetas)} values of {spec.name}'s {spec.param}, {count(samples, 'sample')} x "
+        f"{sched.num_steps} steps each on {dev}")
 
     def run(zs: Sequence[float]) -> list[ZetaRun]:
         # no torch.compile by default: splitting a diverging batch changes the shape, and every
         # new shape would compile again for a one-off scan
         opts = dict({"compile": False}, **dps_options)
+        clip_x0 = (-1.0, 1.0) if clip and "clip_x0" not in spec.cls.unused_options else None
         return run_zetas(model, sched, operator, y, sigma_n, zs, samples, seed, record, guidance=guidance,
-                         clip_x0=(-1.0, 1.0) if clip else None, backend=backend, log=say,
-                         max_batch=max(1, max_batch // samples), progress=progress, **opts)
+                         clip_x0=clip_x0, backend=backend, log=say, max_batch=max(1, max_batch // samples),
+                         progress=progress, method=spec.key, **opts)
 
     shown = _scan(run, zetas, min_scales, say)
     ref01 = ((image.double() + 1) / 2).clamp(0, 1)
@@ -259,25 +297,26 @@ def explore_image(model: Callable, operator: Any, image: torch.Tensor, sigma_n: 
                                "residual_norm": _r(float((operator(m[None])[0] - y_cpu).norm()))}
         scales.append(entry)
     show_y = (not y_cpu.is_complex()) and y_cpu.dim() == 3 and y_cpu.shape[0] == image.shape[0]
+    how = f", {guidance} guidance" if spec.guided else ""
+    clipped = ", x0hat clipped" if clip and "clip_x0" not in spec.cls.unused_options else ""
     data = {
-        "mode": "image",
-        "title": f"DPS on {name}: the guidance scale",
-        "subtitle": (f"{operator!r}, noise sigma_n = {sigma_n:g}, {guidance} guidance{', x0hat clipped' if clip else ''}; "
-                     f"{sched.num_steps} steps, {count(samples, 'sample')} per zeta, the same noise for every zeta "
-                     f"(seed {seed})."),
+        "mode": "image", "method": spec.name, "param": _param(spec),
+        "title": f"{spec.name} on {name}: the {_param(spec)['label'].split(' ', 1)[1]}",
+        "subtitle": (f"{operator!r}, noise sigma_n = {sigma_n:g}{how}{clipped}; {sched.num_steps} steps, "
+                     f"{count(samples, 'sample')} per {spec.param}, the same noise for every {spec.param} (seed {seed})."),
         "truth_image": _png_uri(image), "measurement_image": _png_uri(y_cpu.float()) if show_y else None,
         "times": [int(sched.timesteps[i]) for i in record],
         "scales": scales,
         # plotted against zeta (SSIM, on another scale, is in the numbers line above the plots)
-        "metrics": [{"key": "psnr", "label": "PSNR of the DPS mean to the image (dB)"}],
+        "metrics": [{"key": "psnr", "label": f"PSNR of the {spec.name} mean to the image (dB)"}],
         "residual": {"key": "residual_norm", "label": "residual ||A mean - y||",
                      "noise_level": _r(sigma_n * math.sqrt(y_cpu.numel())), "exact": None},
         "reference": {},
-        "settings": {"steps": sched.num_steps, "samples": samples, "seed": seed, "guidance": guidance,
-                     "sigma_n": sigma_n, "operator": repr(operator)},
+        "settings": {"steps": sched.num_steps, "samples": samples, "seed": seed, "method": spec.key,
+                     "guidance": guidance if spec.guided else None, "sigma_n": sigma_n, "operator": repr(operator)},
     }
     data["default"] = _pick_best(scales, "psnr", lower_is_better=False)
-    say(f"best zeta of the scan: {scales[data['default']]['zeta']:.3g} (highest PSNR of the mean); "
+    say(f"best {spec.param} of the scan: {scales[data['default']]['zeta']:.3g} (highest PSNR of the mean); "
         f"{time.perf_counter() - t0:.1f} s")
     return data
 
@@ -312,6 +351,11 @@ def _main(args: argparse.Namespace) -> int:
                          "--diffusers FOLDER)")
     if image_mode and args.image is None:
         raise ValueError("--image: required with --model/--diffusers (the image to measure and reconstruct)")
+    spec = get_method(args.method)
+    if spec.param == "eta" and args.zeta_max is not None and args.zeta_max > 1:
+        raise ValueError(f"--zeta-max: {spec.key}'s eta lies in [0, 1], got {args.zeta_max}")
+    if image_mode and args.guidance != "normalized" and not spec.guided:
+        raise ValueError(f"--guidance: only applies to --method dps / mcg, got --method {spec.key}")
     if args.zeta_min is not None and args.zeta_max is not None and not args.zeta_min < args.zeta_max:
         raise ValueError(f"--zeta-min: expected less than --zeta-max, got {args.zeta_min} and {args.zeta_max}")
     t0 = time.perf_counter()
@@ -320,16 +364,17 @@ def _main(args: argparse.Namespace) -> int:
         changed = [_flag(a) for a in args.image_only if getattr(args, a.dest) != a.default]
         if changed:
             raise ValueError(f"{changed[0]}: only used in image mode (with --model and --image)")
-        lo, hi = args.zeta_min or 1e-4, args.zeta_max or 0.1
+        lo, hi, log_grid = SCAN_1D[spec.key]
+        lo, hi = _given(args.zeta_min, lo), _given(args.zeta_max, hi)
         data = explore_1d(steps=args.steps or 250, samples=args.samples or 64, seed=args.seed,
-                          zetas=zeta_grid(lo, hi, args.zetas or 25), times=args.times,
-                          min_scales=MIN_SCALES if args.refine else 0, log=say, progress=not args.quiet)
+                          zetas=value_grid(lo, hi, args.zetas or 25, log_grid), times=args.times,
+                          min_scales=MIN_SCALES if args.refine else 0, log=say, progress=not args.quiet,
+                          method=spec.key)
     else:
-        from .reconstruct.cli import _noise_kwargs, build_operator, load_model
+        from .cli_options import build_operator, load_model, model_geometry, noise_kwargs
         from .reconstruct.data import InputError, read_image
-        from .reconstruct.runner import model_geometry
 
-        if _noise_kwargs(args):  # also refuses --rate without --noise poisson
+        if noise_kwargs(args):  # also refuses --rate without --noise poisson
             raise ValueError(f"--noise: explore simulates Gaussian measurement noise only (--sigma-n), got --noise "
                              f"{args.noise}; dps-fast reconstruct runs --noise poisson")
         model, schedule, _ = load_model(args)
@@ -342,10 +387,11 @@ def _main(args: argparse.Namespace) -> int:
         steps = args.steps or 100
         if schedule is not None:
             schedule = schedule.respace(steps)
-        lo, hi = args.zeta_min or 0.03, args.zeta_max or 3.0
+        lo, hi = _given(args.zeta_min, spec.scan[0]), _given(args.zeta_max, spec.scan[1])
         data = explore_image(model, operator, image, args.sigma_n, steps=steps, samples=args.samples or 2,
-                             seed=args.seed, zetas=zeta_grid(lo, hi, args.zetas or 16), times=args.times,
-                             guidance=args.guidance, clip=args.clip, schedule=schedule,
+                             seed=args.seed, zetas=value_grid(lo, hi, args.zetas or 16, spec.scan[2]),
+                             times=args.times, method=spec.key,
+                             guidance=args.guidance if spec.guided else "normalized", clip=args.clip, schedule=schedule,
                              device=torch.device(args.device) if args.device else None, backend=args.backend,
                              name=Path(args.image).name, min_scales=MIN_SCALES if args.refine else 0, log=say,
                              progress=not args.quiet)
@@ -359,13 +405,17 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(value: Optional[float], default: float) -> float:
+    return default if value is None else value
+
+
 def _flag(action: argparse.Action) -> str:
     return next(o for o in action.option_strings if o.startswith("--"))
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``explore`` on an ``add_subparsers()`` object."""
-    from .reconstruct.cli import BACKENDS, CHECKPOINTS, add_model_options, add_task_options
+    from .cli_options import BACKENDS, CHECKPOINTS, add_model_options, add_task_options
 
     p = subparsers.add_parser(
         "explore", help="interactive page: the DPS trajectory with a zeta slider (one self-contained HTML file)",
@@ -380,6 +430,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                "  dps-fast explore --model ffhq256 --checkpoint ffhq_10m.pt --image face.png --operator gaussian-blur\n"
                "  dps-fast explore --model tiny32 --random-weights --image face.png --steps 20 --device cpu")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output HTML path")
+    p.add_argument("--method", choices=method_names(), default="dps",
+                   help="the sampler; the slider is over its hyperparameter (dps, mcg, pigdm: zeta; ddrm: eta), "
+                        "which --zeta-min/--zeta-max/--zetas then set")
     scan = p.add_argument_group("scan")
     scan.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: 1-D 250, image 100)")
     scan.add_argument("--samples", type=positive_int, default=None,

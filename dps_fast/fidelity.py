@@ -39,6 +39,8 @@ import torch
 
 from .chain import NonFiniteError
 from .distances import SlicedReference as Reference, sliced_w2
+from .methods.registry import METHODS as REGISTRY
+from .methods.registry import get_method
 from .operators import Inpainting, Matrix
 from .operators.base import LinearOperator
 from .priors import GaussianMixturePrior, GaussianPrior, Posterior
@@ -61,9 +63,10 @@ VERSION = 2
 REFERENCE = 20_000
 FLOOR_SETS = 5
 PROBLEMS = ("gaussian-matrix", "mixture-2d", "demo-deblur", "inpaint-1d")
-METHODS = ("DPS", "MCG", "PiGDM", "DDRM")
+#: the methods compared, from the registry (dps_fast.methods.registry)
+METHODS = tuple(spec.name for spec in REGISTRY.values())
 #: the hyperparameter each method is scanned over (DPS and MCG: zeta = c / K, see Grid)
-PARAM = {"DPS": "zeta", "MCG": "zeta", "PiGDM": "zeta", "DDRM": "eta"}
+PARAM = {spec.name: spec.param for spec in REGISTRY.values()}
 
 
 @dataclass
@@ -194,17 +197,9 @@ GRIDS = {
 def make_sampler(method: str, problem: Problem, schedule: NoiseSchedule, value: float) -> Any:
     """``method``'s sampler for ``problem`` with hyperparameter ``value`` (torch backend), or a
     TypeError naming the operator when the method does not support it."""
-    from .methods import DDRM, MCG, PiGDM
-    from .sampler import DPS
-
-    eps = problem.prior.eps_model(schedule)
-    args = (eps, schedule, problem.operator)
-    guided = {"DPS": DPS, "MCG": MCG, "PiGDM": PiGDM}
-    if method in guided:
-        return guided[method](*args, zeta=value, sigma_n=problem.sigma_n, backend="torch")
-    if method == "DDRM":
-        return DDRM(*args, eta=value, eta_b=1.0, sigma_n=problem.sigma_n, backend="torch")
-    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    spec = get_method(method)
+    return spec.build(problem.prior.eps_model(schedule), schedule, problem.operator, value,
+                      sigma_n=problem.sigma_n, backend="torch")
 
 
 # ---- metrics ----------------------------------------------------------------------------------

@@ -13,7 +13,11 @@ the sample with 64-bit seed ``s`` at step ``i`` on stream ``k`` is slot ``e % 4`
 * counter = ``(e // 4, i mod 2^32, k, 0)``; stream ``k = 0`` (:data:`STREAM_STEP`) is the noise
   of step ``i``, ``k = 1`` (:data:`STREAM_INIT`) the initial state ``x_T``, ``k = 2``
   (:data:`STREAM_MEASUREMENT`) the noise of a noised measurement (MCG's ``y_{t-1}``,
-  :mod:`dps_fast.methods.mcg`);
+  :mod:`dps_fast.methods.mcg`, and, at step 0 under the item's own key, the measurement noise
+  ``reconstruct`` simulates), ``k = 3`` (:data:`STREAM_Q_SAMPLE`) the DPS2022 drop-in's
+  ``q_sample`` noise of the measurement and ``k = 4 + j`` (:data:`STREAM_PERTURB` ``+ j``) its
+  ps+ perturbation ``j`` (:mod:`dps_fast.compat.dps2022`). This list is the one home of the
+  stream ids: a new use takes a new id here;
 * the call returns the words ``(r0, r1, r2, r3)``; each pair is one Box-Muller draw,
   ``u1 = ((ra >> 8) + 1) / 2^24`` in (0, 1], ``u2 = (rb >> 8) / 2^24`` in [0, 1) (both exact in
   float32 and float64), ``rho = sqrt(-2 ln u1)``, ``theta = 2 pi u2``;
@@ -36,11 +40,14 @@ import math
 
 import torch
 
-__all__ = ["philox4x32", "philox_normal", "seeds_from", "STREAM_STEP", "STREAM_INIT", "STREAM_MEASUREMENT"]
+__all__ = ["philox4x32", "philox_normal", "seeds_from", "STREAM_STEP", "STREAM_INIT", "STREAM_MEASUREMENT",
+           "STREAM_Q_SAMPLE", "STREAM_PERTURB"]
 
 STREAM_STEP = 0
 STREAM_INIT = 1
 STREAM_MEASUREMENT = 2
+STREAM_Q_SAMPLE = 3
+STREAM_PERTURB = 4  # the first of ps+'s perturbation streams 4, 5, ...
 
 _M32 = 0xFFFFFFFF
 PHILOX_A = 0xD2511F53

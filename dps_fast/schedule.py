@@ -17,7 +17,12 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["NoiseSchedule", "Coef", "space_timesteps"]
+__all__ = ["NoiseSchedule", "Coef", "space_timesteps", "VARIANCES", "VARIANCE_CODES"]
+
+#: The reverse-step variances (see :class:`Coef`), in the order of their integer codes, which the
+#: Triton and CUDA update kernels take (``VARIANCE_CODES[name]``; csrc's ``dps_fast::Variance``).
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+VARIANCE_CODES = {name: code for code, name in enumerate(VARIANCES)}
 
 
 class Coef:

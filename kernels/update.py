@@ -15,14 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..schedule import Coef
+from ..schedule import VARIANCE_CODES, Coef
 from .launch import device_guard, elementwise_config, per_sample_grid
 from .philox import normal_tile, sample_tile, seed_key
 from .prep import cast_to, clip_words, tweedie_x0
 
-__all__ = ["dps_update", "VARIANCE_CODES"]
+__all__ = ["dps_update"]
 
-VARIANCE_CODES = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
 
 _SQRT_1M_ABAR = tl.constexpr(Coef.SQRT_1M_ABAR)
 _SQRT_RECIP_ABAR = tl.constexpr(Coef.SQRT_RECIP_ABAR)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import logging
 import subprocess
 import sys
@@ -225,8 +226,30 @@ def test_empty_input_folder_warns(tmp_path, caplog):
     empty.mkdir()
     with caplog.at_level(logging.WARNING):
         s = reconstruct(empty, tmp_path / "out", ADMUNet.from_config("tiny32"), Identity(), steps=2, device="cpu",
-                        progress=False)
-    assert s.total == 0 and "no inputs found in" in caplog.text and str(empty) in caplog.text
+                        progress=False, allow_nothing=True)
+    assert s.total == 0 and s.status == "nothing-done"
+    assert "no inputs found in" in caplog.text and str(empty) in caplog.text
+    # without allow_nothing the Python API raises, naming why
+    from dps_fast.reconstruct.runner import NothingReconstructed
+
+    with pytest.raises(NothingReconstructed, match="nothing was reconstructed: no inputs were found"):
+        reconstruct(empty, tmp_path / "out2", ADMUNet.from_config("tiny32"), Identity(), steps=2, device="cpu",
+                    progress=False)
+
+
+def test_all_inputs_skipped_exits_4_with_status_nothing_done(tmp_path, capsys):
+    """Every input unreadable: nothing reconstructed is not "complete" and not exit 0."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    (folder / "b.png").write_bytes(b"nor this")
+    out = tmp_path / "out"
+    code = main(["reconstruct", str(folder), "--out", str(out), "--model", "tiny32", "--random-weights",
+                 "--steps", "2", "--device", "cpu", "--quiet"])
+    assert code == 4
+    err = capsys.readouterr().err
+    assert "nothing was reconstructed: all 2 inputs were skipped" in err and "nothing-done" in err
+    assert json.loads((out / MANIFEST).read_text())["status"] == "nothing-done"
 
 
 def test_merge_only_shows_an_interrupted_run(images, tmp_path, capsys, monkeypatch):
@@ -248,3 +271,62 @@ def test_merge_only_shows_an_interrupted_run(images, tmp_path, capsys, monkeypat
     capsys.readouterr()
     assert main(["reconstruct", "--out", str(out), "--merge-only"]) == 0
     assert "status: complete, 1/1 input done" in capsys.readouterr().out  # its one item had finished
+
+
+@pytest.mark.parametrize("method,extra", [("dps", ()), ("mcg", ("--operator", "inpaint-box", "--zeta", "0.5")),
+                                          ("pigdm", ("--weighting", "public")), ("ddrm", ("--eta", "0.5"))])
+def test_reconstruct_runs_every_registered_method(images, tmp_path, capsys, method, extra):
+    out = tmp_path / method
+    argv = _recon(images, out, "--random-weights", "--method", method, *extra)
+    if method != "mcg":
+        argv += ["--operator", "denoise"]
+    assert main(argv) == 0, capsys.readouterr().err
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["status"] == "complete"
+    assert m["settings"].get("method", {"name": "dps"})["name"] == method
+    # a resumed run of the same command finds the item done (same fingerprint)
+    assert main(argv) == 0 and "0 now, 1 before" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (("--method", "ddrm", "--zeta", "1"), "--zeta: not a setting of --method ddrm"),
+    (("--method", "dps", "--eta", "0.5"), "--eta: not a setting of --method dps"),
+    (("--method", "pigdm", "--guidance", "squared"), "--guidance: only applies to --method dps / mcg"),
+    (("--method", "dps", "--weighting", "public"), "--weighting: only applies to --method pigdm"),
+    (("--method", "ddrm", "--eta", "1.5"), "--eta: expected a number in [0, 1]"),
+    (("--method", "ddrm", "--variance", "fixed_large"), "variance: ddrm does not use"),
+])
+def test_method_flags_of_another_method_are_refused(images, tmp_path, capsys, extra, msg):
+    assert main(_recon(images, tmp_path / "o", "--random-weights", "--operator", "denoise", *extra)) == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["dps", "mcg", "pigdm", "ddrm"])
+def test_auto_batch_probe_runs_every_method(method):
+    """--batch-size auto's memory probe (one step on dummy rows) works for every registered method."""
+    import torch
+
+    from dps_fast import NoiseSchedule
+    from dps_fast.methods.registry import get_method
+    from dps_fast.reconstruct.runner import probe_step
+
+    spec = get_method(method)
+    model = ADMUNet.from_config("tiny32").eval()
+    sampler = spec.build(model, NoiseSchedule.linear(1000).respace(3), Identity(), spec.default, sigma_n=0.05,
+                         compile=False)
+    probe_step(sampler, (1, 3, 32, 32), (3, 32, 32), torch.device("cpu"))(2)  # raises if a method cannot
+
+
+def test_reconstruct_progress_shows_the_steps_of_the_batch_in_flight(images, tmp_path, capsys):
+    """Besides the bar over images, the sampler's bar over the steps of the batch being sampled."""
+    argv = [a for a in _recon(images, tmp_path / "o", "--random-weights") if a != "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "reconstruct:" in err and re.search(r"DPS: .*\d/2 .*step", err), err[-2000:]  # 2 steps
+
+
+def test_a_method_that_cannot_run_the_operator_fails_before_any_output(images, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(_recon(images, out, "--random-weights", "--method", "mcg", "--operator", "gaussian-blur")) == 2
+    assert "operator: MCG supports" in capsys.readouterr().err
+    assert not out.exists()

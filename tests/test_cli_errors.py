@@ -202,7 +202,7 @@ def test_the_scan_console_names_step_and_t_and_counts_agree():
     assert runs[0].diverged is None and runs[1].diverged is not None
     bad = runs[1].diverged
     assert f"  zeta 1e+03: diverged at step i={bad.step} (t={bad.timestep}, {bad.kind})" in lines
-    assert "  zeta 0.001: 1 scale x 1 sample x 10 steps done" in lines
+    assert "  zeta 0.001: 1 value x 1 sample x 10 steps done" in lines
 
 
 def test_count_agrees_with_its_noun():

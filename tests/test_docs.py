@@ -11,7 +11,8 @@ MODULES = ["dps_fast.schedule", "dps_fast.noise", "dps_fast.sampler", "dps_fast.
            "dps_fast.operators.masks", "dps_fast.operators.matrix", "dps_fast.operators.superres",
            "dps_fast.priors.gaussian", "dps_fast.priors.mixture", "dps_fast.divergence", "dps_fast.problems",
            "dps_fast.distances",
-           "dps_fast.explore", "dps_fast.models.adm"]
+           "dps_fast.explore", "dps_fast.models.adm", "dps_fast.cli_options", "dps_fast.reconstruct.manifest",
+           "dps_fast.reconstruct.items"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -6,6 +6,7 @@ blank. Grids are small here (the default scan takes ~30 s on the CI machine)."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ import torch
 from dps_fast.cli import main
 from dps_fast.demo import ZetaRun
 from dps_fast.divergence import NonFiniteError
+from dps_fast.methods.registry import get_method
 from dps_fast.explore import MIN_SCALES, _scan, choose_scales, explore_1d, write_page, zeta_grid
 from tests.browser import Browser, find_chromium
 
@@ -147,6 +149,27 @@ def test_image_mode_refuses_noise_it_does_not_simulate(tmp_path, capsys, extra, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "p.html").exists()
+
+@pytest.mark.parametrize("method,param,lo,hi", [("ddrm", "eta", 0.0, 1.0), ("pigdm", "zeta", 0.1, 10.0)])
+def test_image_mode_scans_the_methods_hyperparameter(tmp_path, capsys, method, param, lo, hi):
+    """--method: the page's slider is over that method's hyperparameter, on the registry's range
+    (DDRM's eta linear from 0, the others log-spaced)."""
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(tmp_path / "face.png")
+    out = tmp_path / "p.html"
+    assert main(["explore", "--method", method, "--model", "tiny32", "--random-weights", "--image",
+                 str(tmp_path / "face.png"), "--steps", "2", "--samples", "1", "--zetas", "3", "--times", "2",
+                 "--no-refine", "--device", "cpu", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    html = out.read_text()
+    payload = html.split('<script type="application/json" id="explore-data">', 1)[1].split("</script>", 1)[0]
+    data = json.loads(payload.replace("<\\/", "</"))
+    assert data["param"]["name"] == param and data["method"] == get_method(method).name
+    zs = [sc["zeta"] for sc in data["scales"]]
+    assert zs[0] == pytest.approx(lo) and len(zs) <= 3
+    if method == "ddrm":
+        assert zs == pytest.approx([0.0, 0.5, 1.0])
+
 
 # ---- in a real browser --------------------------------------------------------------------------
 def _not_blank(png: bytes) -> tuple[int, float]:

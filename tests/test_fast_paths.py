@@ -52,7 +52,7 @@ def test_compiled_network_equals_eager():
     sched = NoiseSchedule.linear(1000).respace(4)
     eager = DPS(net, sched, A, zeta=0.4, sigma_n=0.1, backend="torch", compile=False).sample(y, seed=1)
     comp = DPS(net, sched, A, zeta=0.4, sigma_n=0.1, backend="torch", compile={"backend": "aot_eager"})
-    assert comp._network(y.device).compiled
+    assert comp.network(y.device).compiled
     torch.testing.assert_close(comp.sample(y, seed=1).samples, eager.samples, rtol=1e-10, atol=1e-12)
 
 

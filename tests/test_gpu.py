@@ -149,7 +149,7 @@ def test_bf16_autocast_step_stays_close():
     # layout gives O(1)).
     assert 1e-4 < err < 0.05, err
     # the documented default: channels_last for bf16 on CUDA (cuDNN's tensor cores run NHWC)
-    assert bf16._network(y.device).channels_last is HAS_CUDA
+    assert bf16.network(y.device).channels_last is HAS_CUDA
 
 
 def test_update_with_many_samples_of_a_small_image():

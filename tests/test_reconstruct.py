@@ -26,11 +26,13 @@ import torch
 from dps_fast.cli import main
 from dps_fast.models import ADMUNet
 from dps_fast.reconstruct import psnr, reconstruct, ssim
+from dps_fast.reconstruct import items as items_mod
+from dps_fast.reconstruct import manifest as manifest_mod
 from dps_fast.reconstruct import runner as runner_mod
 from dps_fast.reconstruct.batching import Job, auto_rows, is_oom, stream_chunks
 from dps_fast.reconstruct.data import DONE, ITEMS, MANIFEST, METRICS, TENSORS, open_dataset
 from dps_fast.reconstruct.distributed import METRIC_COLUMNS
-from dps_fast.reconstruct.runner import item_seeds
+from dps_fast.reconstruct.items import item_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 5  # odd: the last chunk of 2 images is padded
@@ -217,7 +219,7 @@ def test_other_settings_in_same_folder_are_refused(assets, baseline, capsys):
 def test_crash_mid_write_then_resume_is_bit_identical(assets, baseline, tmp_path, monkeypatch):
     out = tmp_path / "crashed"
     calls = {"n": 0}
-    real_save = runner_mod.save_tensors
+    real_save = items_mod.save_tensors
 
     def crash_on_second_item(path, tensors):
         calls["n"] += 1
@@ -225,7 +227,7 @@ def test_crash_mid_write_then_resume_is_bit_identical(assets, baseline, tmp_path
             raise KeyboardInterrupt
         real_save(path, tensors)
 
-    monkeypatch.setattr(runner_mod, "save_tensors", crash_on_second_item)
+    monkeypatch.setattr(items_mod, "save_tensors", crash_on_second_item)
     assert main(_args(assets, out)) == 130
     monkeypatch.undo()
     assert sorted(p.parent.name for p in (out / ITEMS).glob(f"*/{DONE}")) == ["img0"]
@@ -499,7 +501,7 @@ def test_diffusers_folder_model(assets, tmp_path):
     from dps_fast import NoiseSchedule
 
     want = NoiseSchedule.from_betas(torch.as_tensor(cosine.betas)).respace(2)
-    assert m["settings"]["schedule"] == runner_mod._schedule_id(want)  # the folder's (cosine) betas
+    assert m["settings"]["schedule"] == manifest_mod.schedule_id(want)  # the folder's (cosine) betas
     y = torch.load(out / ITEMS / "img0" / TENSORS, weights_only=True)["measurement"]
     assert (y[:, 8:24, 8:24].abs() <= 0.25).all()  # the centred 16x16 box holds only noise
 

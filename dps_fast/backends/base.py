@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -21,7 +21,7 @@ from ..profiling import nvtx_range
 from ..schedule import Coef
 from . import torch_ops
 
-__all__ = ["Backend", "FusedBackend", "ReferenceBackend", "StepProblem", "StepOutput"]
+__all__ = ["Backend", "FusedBackend", "ReferenceBackend", "StepProblem", "StepOutput", "Guide"]
 
 
 @dataclass
@@ -55,6 +55,14 @@ class StepOutput:
     nfe: int
 
 
+#: A method's guidance for :meth:`FusedBackend.step`: ``guide(p, x, eps, coefs, i, final)`` returns
+#: ``(x0hat, w, rnorm2, gscale)``: Tweedie's ``x0hat``, the clip-masked cotangent ``w`` of the
+#: network VJP, ``||A x0hat - y||^2`` per row and the per-row factor of the update (the step
+#: subtracts ``2 gscale (d x0hat / d x_t)^T w``); ``w`` and ``gscale`` are None when ``final``.
+Guide = Callable[[StepProblem, torch.Tensor, torch.Tensor, torch.Tensor, int, bool],
+                 tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]]
+
+
 class Backend:
     name = "base"
 
@@ -63,8 +71,13 @@ class Backend:
              step: Optional[Union[int, torch.Tensor]] = None) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 
+    #: The fused op set whose pure-torch definitions this backend's arithmetic follows.
+    ops: ModuleType = torch_ops
+
     @staticmethod
-    def _split(p: StepProblem, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def split_output(p: StepProblem, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(eps, v)`` of the network output ``out`` for the state ``x``: ``v`` holds the variance
+        channels of a learned-range model (None otherwise); a wrong shape is a ValueError."""
         c = p.channels
         if out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:] or out.shape[1] not in (c, 2 * c):
             raise ValueError(
@@ -75,6 +88,20 @@ class Backend:
                 raise ValueError(f"model: variance='learned_range' needs {2 * c} output channels, got {out.shape[1]}")
             return out[:, :c], out[:, c:]
         return (out[:, :c] if out.shape[1] != c else out), None
+
+    def forward(self, p: StepProblem, x: torch.Tensor, i: int, graph: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The network at step ``i``: ``(x_in, eps, v)``; with ``graph`` ``eps`` carries the graph
+        to ``x_in`` for one VJP (``p.net.vjp(eps, x_in, w)``), else it is detached."""
+        with nvtx_range("forward"):
+            x_in, out = p.net.forward(x, p.t[i], graph=graph)
+        eps, v = self.split_output(p, out, x)
+        return x_in, eps, v
+
+    def fused(self) -> "FusedBackend":
+        """The fused step of this backend's op set (for a method's :data:`Guide`): itself for a
+        :class:`FusedBackend`, the ``torch`` op set's for the autograd reference."""
+        return FusedBackend(torch_ops, "torch")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -105,21 +132,33 @@ class FusedBackend(Backend):
             w, rnorm2 = op.residual(x0hat, p.meas)
         return x0hat, self.ops.apply_clip_mask(w, x0hat, clip), rnorm2
 
-    def step(self, p: StepProblem, x: torch.Tensor, i: int, noise: Optional[torch.Tensor] = None,
-             final: bool = False, in_place: bool = False,
-             step: Optional[Union[int, torch.Tensor]] = None) -> StepOutput:
-        """One guided step at table row ``i``; ``step`` (default ``i``) is the noise counter, an int
-        or a one-element int64 device tensor (CUDA-graph replay reads it on the device)."""
-        coefs = p.table[i]
-        with nvtx_range("forward"):
-            x_in, out = p.net.forward(x, p.t[i], graph=not final)
-        eps_g, v = self._split(p, out, x)
-        eps = eps_g.detach()
+    def fused(self) -> "FusedBackend":
+        return self
+
+    def dps_guide(self, p: StepProblem, x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, i: int,
+                  final: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        """DPS's :data:`Guide`: :meth:`prep` and ``p.gscale`` (the likelihood ``||A x0hat - y||^2``)."""
         with nvtx_range("operator"):
             x0hat, w, rnorm2 = self.prep(p, x, eps, coefs)
         if final:
+            return x0hat, None, rnorm2, None
+        return x0hat, w, rnorm2, p.gscale(rnorm2)
+
+    def step(self, p: StepProblem, x: torch.Tensor, i: int, noise: Optional[torch.Tensor] = None,
+             final: bool = False, in_place: bool = False,
+             step: Optional[Union[int, torch.Tensor]] = None, guide: Optional[Guide] = None) -> StepOutput:
+        """One guided step at table row ``i``; ``step`` (default ``i``) is the noise counter, an int
+        or a one-element int64 device tensor (CUDA-graph replay reads it on the device).
+
+        ``guide`` (default :meth:`dps_guide`) supplies the cotangent and the update's factor: the
+        hook through which another likelihood approximation (PiGDM) runs this same step, its one
+        VJP and its fused update."""
+        coefs = p.table[i]
+        x_in, eps_g, v = self.forward(p, x, i, graph=not final)
+        eps = eps_g.detach()
+        x0hat, w, rnorm2, gscale = (guide or self.dps_guide)(p, x, eps, coefs, i, final)
+        if final:
             return StepOutput(None, x0hat, rnorm2, 1)
-        gscale = p.gscale(rnorm2)
         with nvtx_range("vjp"):
             u = p.net.vjp(eps_g, x_in, w)
         with nvtx_range("update"):
@@ -138,8 +177,7 @@ class ReferenceBackend(Backend):
              final: bool = False, in_place: bool = False,
              step: Optional[Union[int, torch.Tensor]] = None) -> StepOutput:
         coefs = p.table[i]
-        x_in, out = p.net.forward(x, p.t[i], graph=True)
-        eps, v = self._split(p, out, x)
+        x_in, eps, v = self.forward(p, x, i, graph=True)
         x0 = coefs[Coef.SQRT_RECIP_ABAR] * x_in - coefs[Coef.SQRT_RECIPM1_ABAR] * eps
         if p.clip is not None:
             x0 = x0.clamp(p.clip[0], p.clip[1])

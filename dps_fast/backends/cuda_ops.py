@@ -28,6 +28,7 @@ import torch
 
 from .. import _cuda
 from ..noise import STREAM_STEP
+from ..schedule import VARIANCE_CODES
 from . import torch_ops
 from .torch_ops import (  # noqa: F401  re-exported: same functions on every backend
     Clip, apply_clip_mask, clip_mask, parseval_weights, prep_elementwise, step_sigma, tweedie,
@@ -35,10 +36,9 @@ from .torch_ops import (  # noqa: F401  re-exported: same functions on every bac
 
 __all__ = [
     "is_available", "tweedie", "clip_mask", "apply_clip_mask", "prep_elementwise", "spectral_residual",
-    "parseval_weights", "blur_normal_residual", "dps_update", "step_sigma", "philox_normal", "VARIANCE_CODES",
+    "parseval_weights", "blur_normal_residual", "dps_update", "step_sigma", "philox_normal",
 ]
 
-VARIANCE_CODES = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
 _UPDATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _FFT_DTYPES = (torch.float32, torch.float64)
 _SPECTRAL_DTYPES = (torch.complex64, torch.complex128)

@@ -20,7 +20,7 @@ from ..noise import STREAM_STEP, philox_normal
 # The blur's spectral math is the operator's own (operators are the lower layer); re-exported here
 # because every op set offers the same functions.
 from ..operators.blur import blur_normal_residual, parseval_weights, spectral_residual  # noqa: F401
-from ..schedule import Coef
+from ..schedule import VARIANCES, Coef
 
 __all__ = [
     "tweedie", "clip_mask", "apply_clip_mask", "prep_elementwise", "spectral_residual",
@@ -115,7 +115,7 @@ def step_sigma(coefs: torch.Tensor, variance: str, v: Optional[torch.Tensor]) ->
         f = (v + 1.0) * 0.5
         log_var = f * coefs[Coef.LOG_BETA] + (1.0 - f) * coefs[Coef.LOG_VAR_SMALL]
         return coefs[Coef.NONZERO] * torch.exp(0.5 * log_var)
-    raise ValueError(f"variance: expected 'fixed_small', 'fixed_large' or 'learned_range', got {variance!r}")
+    raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")
 
 
 def dps_update(

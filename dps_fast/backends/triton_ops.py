@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..schedule import Coef
+from ..schedule import VARIANCES, Coef
 from . import torch_ops
 
 __all__ = [
@@ -82,7 +82,6 @@ from dps_fast.kernels import update as _update  # noqa: E402
 
 STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
-_VARIANCES = tuple(_update.VARIANCE_CODES)
 
 
 # ---- input checks -----------------------------------------------------------------------
@@ -348,8 +347,8 @@ def dps_update(
     eps = _like("eps", eps, x, "x")
     w = _like("w", w, x, "x")
     u = _like("u", u, x, "x")
-    if variance not in _VARIANCES:
-        raise ValueError(f"variance: expected 'fixed_small', 'fixed_large' or 'learned_range', got {variance!r}")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")
     if variance == "learned_range":
         if v is None:
             raise ValueError("v: learned_range variance needs the model's variance channels, got None")

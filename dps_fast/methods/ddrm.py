@@ -29,23 +29,25 @@ by ``V^T``), so DDRM samples are reproducible per seed like DPS's.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
+from typing_extensions import Unpack
+
 from ..backends import Backend, StepOutput, StepProblem
+from ..engine import Engine, EngineOptions
 from ..noise import STREAM_STEP, philox_normal
 from ..operators.base import LinearOperator
 from ..profiling import nvtx_range
-from ..sampler import DPS
 from ..schedule import Coef, NoiseSchedule
-from .base import ChainMethod, check_float, ops_of, residual
+from .base import check_float, residual
 from .svd import measured_spectrum, svd_view
 
 __all__ = ["DDRM"]
 
 
-class DDRM(ChainMethod):
+class DDRM(Engine):
     """DDRM's SVD-space update: no network VJP, few steps (``NoiseSchedule.linear(1000).respace(20)``).
 
     Args:
@@ -55,8 +57,9 @@ class DDRM(ChainMethod):
         eta_b: weight of the measurement on well-measured coordinates, in [0, 1] (paper: 1).
         sigma_n: measurement noise std ``sigma_y``, >= 0.
         rcond: singular values below ``rcond * max(s)`` count as zero (DDRM's code uses 1e-3).
-        backend, compile, autocast, channels_last, check_every, checkpointing: as :class:`~dps_fast.DPS`
-            (only the network forward is used).
+        **options: the engine's (:class:`~dps_fast.engine.Engine`): ``backend``, ``compile``,
+            ``autocast``, ``channels_last``, ``check_every``, ``checkpointing`` (only the network
+            forward is used).
 
     Example:
         >>> from dps_fast import NoiseSchedule, operators, priors
@@ -70,26 +73,26 @@ class DDRM(ChainMethod):
     """
 
     name = "DDRM"
+    unused_options = ("clip_x0", "variance", "cuda_graph", "noise")
 
     def __init__(
         self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
         operator: LinearOperator, eta: float = 0.85, eta_b: float = 1.0, sigma_n: float = 0.05,
-        rcond: float = 1e-3, backend: str = "auto", compile: Optional[Union[bool, dict]] = None,
-        autocast: Optional[torch.dtype] = None, channels_last: Optional[bool] = None, check_every: Optional[int] = None,
-        checkpointing: Optional[bool] = None,
+        rcond: float = 1e-3, **options: Unpack[EngineOptions],
     ) -> None:
         self.eta = check_float(eta, "eta", 0.0, 1.0)
         self.eta_b = check_float(eta_b, "eta_b", 0.0, 1.0)
         sigma_n = check_float(sigma_n, "sigma_n")
         rcond = check_float(rcond, "rcond", 0.0, 1.0)
-        engine = DPS(model, schedule, operator, zeta=0.0, sigma_n=sigma_n, guidance="normalized", backend=backend,
-                     compile=compile, autocast=autocast, channels_last=channels_last, check_every=check_every,
-                     checkpointing=checkpointing)
+        super().__init__(model, schedule, operator, sigma_n=sigma_n, **options)
         self.view = svd_view(operator, "DDRM", rcond=rcond)
-        super().__init__(engine)
         self.rcond = rcond
 
-    def _hint(self) -> str:
+    @classmethod
+    def check_operator(cls, operator: LinearOperator) -> None:
+        svd_view(operator, "DDRM")
+
+    def hint(self) -> str:
         return "the network's eps is not finite here (DDRM has no guidance step to shrink)"
 
     def _sigma(self, i: int) -> tuple[float, float]:
@@ -99,10 +102,10 @@ class DDRM(ChainMethod):
         sa = self.schedule.coef(i, Coef.SQRT_ABAR)
         return sa, math.sqrt(1.0 - sa * sa) / sa
 
-    def _setup(self, backend: Backend, p: StepProblem) -> dict:
+    def setup(self, backend: Backend, p: StepProblem) -> dict:
         return measured_spectrum(self.view, self.operator, p.meas.y)
 
-    def _init_x(self, p: StepProblem, x: torch.Tensor, state: dict) -> None:
+    def init_state(self, p: StepProblem, x: torch.Tensor, state: dict) -> None:
         sa, sig = self._sigma(self.schedule.num_steps - 1)
         s, s_safe, sy = state["s"], state["s_safe"], self.sigma_n
         e = self.view.vt(x)
@@ -111,13 +114,10 @@ class DDRM(ChainMethod):
         c = torch.where(measured, state["ybar"] + spread * e, sig * e)
         x.copy_(sa * self.view.v(c, tuple(x.shape)))
 
-    def _step(self, backend: Backend, p: StepProblem, x: torch.Tensor, i: int, state: dict,
-              noise: Optional[torch.Tensor] = None, final: bool = False) -> StepOutput:
-        ops = ops_of(backend)
-        with nvtx_range("forward"):
-            _, out = p.net.forward(x, p.t[i], graph=False)
-        eps, _ = backend._split(p, out, x)
-        x0hat = ops.tweedie(x, eps, p.table[i], None)
+    def advance(self, backend: Backend, p: StepProblem, x: torch.Tensor, i: int, state: dict,
+                noise: Optional[torch.Tensor] = None, final: bool = False) -> StepOutput:
+        _, eps, _ = backend.forward(p, x, i, graph=False)
+        x0hat = backend.ops.tweedie(x, eps, p.table[i], None)
         rnorm2 = residual(p, x0hat)
         if final:
             return StepOutput(None, x0hat, rnorm2, 1)
@@ -139,5 +139,5 @@ class DDRM(ChainMethod):
             x.copy_(sa_next * self.view.v(c, tuple(x.shape)))
         return StepOutput(x, x0hat, rnorm2, 1)
 
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", eta={self.eta}, eta_b={self.eta_b})"
+    def extra_repr(self) -> str:
+        return f"eta={self.eta}, eta_b={self.eta_b}"

@@ -32,15 +32,16 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from typing_extensions import Unpack
+
 from ..backends import Backend, StepOutput, StepProblem
-from ..divergence import zeta_hint
+from ..engine import Engine, EngineOptions, Zeta, check_guidance
 from ..noise import STREAM_MEASUREMENT, philox_normal
 from ..operators import Identity, Inpainting, Matrix, SubsampledFourier, SuperResolution
 from ..operators.base import LinearOperator
-from ..sampler import DPS
 from ..schedule import Coef, NoiseSchedule
-from .base import ChainMethod, residual
-from .svd import measured_spectrum, project, svd_view
+from .base import residual
+from .svd import SVDView, measured_spectrum, project, svd_view
 
 __all__ = ["MCG", "MCG_OPERATORS"]
 
@@ -48,11 +49,17 @@ __all__ = ["MCG", "MCG_OPERATORS"]
 MCG_OPERATORS = (Identity, Inpainting, SubsampledFourier, SuperResolution, Matrix)
 
 
-class MCG(ChainMethod):
+def _view(operator: LinearOperator) -> SVDView:
+    return svd_view(operator, "MCG", allowed=MCG_OPERATORS,
+                    reason=" (a blur's projection divides by its transfer function, which is near 0 "
+                           "at high frequencies: use DPS, PiGDM or DDRM)")
+
+
+class MCG(Engine):
     """DPS's guided step followed by a projection onto the (noised) measurement set.
 
     Args: those of :class:`~dps_fast.DPS` (``zeta`` is MCG's step size ``alpha``), except
-    ``cuda_graph``. ``operator`` must be one of :data:`MCG_OPERATORS` (TypeError otherwise).
+    ``cuda_graph`` and ``noise``. ``operator`` must be one of :data:`MCG_OPERATORS` (TypeError otherwise).
 
     Example:
         >>> from dps_fast import NoiseSchedule, operators, priors
@@ -70,29 +77,29 @@ class MCG(ChainMethod):
     """
 
     name = "MCG"
+    unused_options = ("cuda_graph", "noise")
 
     def __init__(
         self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
-        operator: LinearOperator, zeta: Union[float, Sequence[float], torch.Tensor] = 1.0,
-        sigma_n: float = 0.05, guidance: Union[str, Sequence[str]] = "squared",
-        clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None,
-        backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
-        channels_last: Optional[bool] = None, check_every: Optional[int] = None, checkpointing: Optional[bool] = None,
+        operator: LinearOperator, zeta: Zeta = 1.0, sigma_n: float = 0.05,
+        guidance: Union[str, Sequence[str]] = "squared", **options: Unpack[EngineOptions],
     ) -> None:
-        engine = DPS(model, schedule, operator, zeta=zeta, sigma_n=sigma_n, guidance=guidance, clip_x0=clip_x0,
-                     variance=variance, backend=backend, compile=compile, autocast=autocast,
-                     channels_last=channels_last, check_every=check_every, checkpointing=checkpointing)
-        self.view = svd_view(operator, "MCG", allowed=MCG_OPERATORS,
-                             reason=" (a blur's projection divides by its transfer function, which is near 0 "
-                                    "at high frequencies: use DPS, PiGDM or DDRM)")
-        super().__init__(engine)
-        self.zeta = zeta
+        super().__init__(model, schedule, operator, sigma_n=sigma_n, zeta=zeta, **options)
+        self.modes = check_guidance(guidance, self.sigma_n, self.noise)
         self.guidance = guidance
+        self.view = _view(operator)
 
-    def _hint(self) -> str:
-        return zeta_hint(self.zeta)
+    @classmethod
+    def check_operator(cls, operator: LinearOperator) -> None:
+        _view(operator)
 
-    def _setup(self, backend: Backend, p: StepProblem) -> dict:
+    def guidance_modes(self) -> list[str]:
+        return self.modes
+
+    def extra_repr(self) -> str:
+        return f"zeta={self.zeta!r}, guidance={self.guidance!r}"
+
+    def setup(self, backend: Backend, p: StepProblem) -> dict:
         return {"ybar": measured_spectrum(self.view, self.operator, p.meas.y)["ybar"]}
 
     def _project(self, x: torch.Tensor, i: int, state: dict, z: torch.Tensor) -> torch.Tensor:
@@ -103,9 +110,9 @@ class MCG(ChainMethod):
             ybar = math.sqrt(abar) * ybar + math.sqrt(1.0 - abar) * self.view.vt(z)
         return project(self.view, x, ybar)
 
-    def _step(self, backend: Backend, p: StepProblem, x: torch.Tensor, i: int, state: dict,
-              noise: Optional[torch.Tensor] = None, final: bool = False,
-              noise_y: Optional[torch.Tensor] = None) -> StepOutput:
+    def advance(self, backend: Backend, p: StepProblem, x: torch.Tensor, i: int, state: dict,
+                noise: Optional[torch.Tensor] = None, final: bool = False,
+                noise_y: Optional[torch.Tensor] = None) -> StepOutput:
         if final:
             out = backend.step(p, x, i, final=True)
             x0 = self._project(out.x0hat, 0, state, None)
@@ -124,7 +131,9 @@ class MCG(ChainMethod):
         (``[B * num_samples, *x]``); ``noise_y=None`` uses zeros, i.e. the projection onto
         ``{A x = sqrt(abar_{i-1}) y}``.
         """
-        p, state = self._explicit(x_t, i, y, noise, num_samples)
+        p = self.step_problem(x_t, i, y, noise, num_samples)
+        backend = self.backend(y.device)
+        state = self.setup(backend, p)
         if noise_y is None:
             noise_y = torch.zeros_like(noise)
         elif not isinstance(noise_y, torch.Tensor) or noise_y.shape != noise.shape or noise_y.dtype != noise.dtype:
@@ -132,8 +141,5 @@ class MCG(ChainMethod):
                              f"{getattr(noise_y, 'dtype', type(noise_y).__name__)} {tuple(getattr(noise_y, 'shape', ()))}")
         x = x_t.detach().clone()
         with p.net.frozen():
-            out = self._step(self.backend(y.device), p, x, i, state, noise=noise, noise_y=noise_y)
+            out = self.advance(backend, p, x, i, state, noise=noise, noise_y=noise_y)
         return out.x, out.x0hat
-
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", zeta={self.zeta!r}, guidance={self.guidance!r})"

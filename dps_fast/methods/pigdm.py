@@ -20,46 +20,72 @@ Tweedie, ``x0hat_y = x0hat + (1 - abar_t) / sqrt(abar_t) zeta g``, so with ``c =
 
     x_{t-1} = COEF_X0 x0hat + COEF_XT x_t + sigma_t z + zeta c g.
 
-With ``variance="fixed_small"`` this is the paper's DDIM update with ``eta = 1`` (DDIM's mean and
-variance then equal DDPM's). It is DPS's update with the cotangent ``w = h`` and the per-sample
-factor ``gscale = -zeta c / 2`` (DPS subtracts ``2 gscale (d x0hat / d x_t)^T w``), so PiGDM runs the
-backend's fused update kernel, its noise stream and ONE input-only VJP per step; the final step
-returns ``x0hat(x_1)`` (``nfe = 2K - 1``).
+With ``variance="fixed_small"`` the unconditional part is DDIM's update with ``eta = 1`` (DDIM's
+mean and variance then equal DDPM's). This is ``weighting="score"`` (the default): the likelihood
+score fed into the DDPM update, which is the more accurate on the exact problems of the fidelity
+table. It is dps_fast's reading of the paper, not the weighting its public code uses.
+
+``weighting="public"`` is the weighting of the public PiGDM implementations (NVlabs RED-diff
+``algos/pgdm.py`` with ``awd=True``, and InverseBench): the unconditional update plus
+
+    zeta sqrt(abar_{t-1} abar_t) (d x0hat / d x_t)^T h_pub,
+    h_pub = r_t^2 A^T (r_t^2 A A^T + sigma_n^2 I)^{-1} (y - A x0hat) = r_t^2 h,
+
+which is ``sqrt(abar_{t-1} abar_t) J^T A^+ (y - A x0hat)`` for ``sigma_n = 0`` (RED-diff's
+``H_pinv(y) - H_pinv(H(x0))``) and their ``(r_t^2 A A^T + sigma_y^2 I)^{-1}`` form with noise, so
+their numbers can be reproduced (with ``variance="fixed_small"``, i.e. their ``eta = 1``; their
+default ``eta = 0`` deterministic DDIM update is not offered here).
+
+Both are DPS's fused update with the cotangent ``w = h`` and the per-sample factor
+``gscale = -zeta c / 2`` (DPS subtracts ``2 gscale (d x0hat / d x_t)^T w``), ``c`` as above
+("score") or ``c = sqrt(abar_{t-1} abar_t) r_t^2`` ("public"): PiGDM runs the fused backend's
+step through its guidance hook (:data:`dps_fast.backends.Guide`), with the backend's update
+kernel, its noise stream and ONE input-only VJP per step; the final step returns ``x0hat(x_1)``
+(``nfe = 2K - 1``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional
 
 import torch
 
+from typing_extensions import Unpack
+
 from ..backends import Backend, StepOutput, StepProblem
 from ..divergence import describe_value
+from ..engine import Engine, EngineOptions, Zeta
 from ..operators.base import LinearOperator
 from ..profiling import nvtx_range
-from ..sampler import DPS
 from ..schedule import Coef, NoiseSchedule
-from .base import ChainMethod, check_float, ops_of, residual
+from .base import check_float, residual
 from .svd import measured_spectrum, regularized_pinv, svd_view
 
-__all__ = ["PiGDM"]
+__all__ = ["PiGDM", "WEIGHTINGS"]
+
+#: PiGDM's guidance weightings (see the module docstring).
+WEIGHTINGS = ("score", "public")
 
 
-class PiGDM(ChainMethod):
+class PiGDM(Engine):
     """Pseudo-inverse guidance with the ``r_t^2 = 1 - abar_t`` weighting and ``sigma_n`` regularization.
 
     Args:
         model, schedule, operator: as :class:`~dps_fast.DPS`; ``operator`` is one of
             :data:`dps_fast.methods.svd.SUPPORTED` (Identity, Inpainting, circular Blur,
             SuperResolution, SubsampledFourier, Matrix; TypeError otherwise).
-        zeta: guidance scale (1 = the paper's likelihood score), a float or one per measurement.
+        zeta: guidance scale (1 = the likelihood score), a float or one per measurement.
         sigma_n: measurement noise std, >= 0 (0: the noiseless pseudo-inverse form).
-        clip_x0: ``None`` or ``(lo, hi)``: clamp x0hat; the VJP respects the clamp as DPS's does.
-        variance: the DDPM noise ("fixed_small" = DDIM with eta 1), as :class:`~dps_fast.DPS`.
         rcond: singular values below ``rcond * max(s)`` count as zero (bounds ``A^+`` of a blur
             when ``sigma_n = 0``).
-        backend, compile, autocast, channels_last, check_every, checkpointing: as :class:`~dps_fast.DPS`.
+        weighting: "score" (default: the likelihood score in the DDPM update) or "public" (the
+            public implementations' ``sqrt(abar_{t-1} abar_t) J^T A^+ (y - A x0hat)``); see the
+            module docstring.
+        **options: the engine's (:class:`~dps_fast.engine.Engine`): ``clip_x0`` (the VJP
+            respects the clamp as DPS's does), ``variance`` (the DDPM noise; "fixed_small" = DDIM
+            with eta 1), ``backend``, ``compile``, ``autocast``, ``channels_last``,
+            ``check_every``, ``checkpointing``.
 
     Example:
         >>> from dps_fast import NoiseSchedule, operators, priors
@@ -73,56 +99,59 @@ class PiGDM(ChainMethod):
     """
 
     name = "PiGDM"
+    unused_options = ("cuda_graph", "noise")
 
     def __init__(
         self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
-        operator: LinearOperator, zeta: Union[float, Sequence[float], torch.Tensor] = 1.0, sigma_n: float = 0.05,
-        clip_x0: Optional[tuple[float, float]] = None, variance: Optional[str] = None, rcond: float = 1e-3,
-        backend: str = "auto", compile: Optional[Union[bool, dict]] = None, autocast: Optional[torch.dtype] = None,
-        channels_last: Optional[bool] = None, check_every: Optional[int] = None, checkpointing: Optional[bool] = None,
+        operator: LinearOperator, zeta: Zeta = 1.0, sigma_n: float = 0.05, rcond: float = 1e-3,
+        weighting: str = "score", **options: Unpack[EngineOptions],
     ) -> None:
         sigma_n = check_float(sigma_n, "sigma_n")
         rcond = check_float(rcond, "rcond", 0.0, 1.0)
-        # the engine's guidance mode is unused (PiGDM computes its own gscale); "normalized" only
-        # spares sigma_n = 0 the check that "squared" DPS needs
-        engine = DPS(model, schedule, operator, zeta=zeta, sigma_n=sigma_n, guidance="normalized", clip_x0=clip_x0,
-                     variance=variance, backend=backend, compile=compile, autocast=autocast,
-                     channels_last=channels_last, check_every=check_every, checkpointing=checkpointing)
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+        super().__init__(model, schedule, operator, sigma_n=sigma_n, zeta=zeta, **options)
         self.view = svd_view(operator, "PiGDM", rcond=rcond)
-        super().__init__(engine)
-        self.zeta = zeta
         self.rcond = rcond
+        self.weighting = weighting
 
-    def _hint(self) -> str:
+    @classmethod
+    def check_operator(cls, operator: LinearOperator) -> None:
+        svd_view(operator, "PiGDM")
+
+    def hint(self) -> str:
         return f"the guidance is too strong for this problem; try a smaller zeta (now {describe_value(self.zeta)})"
 
-    def _setup(self, backend: Backend, p: StepProblem) -> dict:
+    def setup(self, backend: Backend, p: StepProblem) -> dict:
         return {"uty": measured_spectrum(self.view, self.operator, p.meas.y)["uty"]}
 
-    def _step(self, backend: Backend, p: StepProblem, x: torch.Tensor, i: int, state: dict,
-              noise: Optional[torch.Tensor] = None, final: bool = False) -> StepOutput:
-        ops = ops_of(backend)
-        coefs = p.table[i]
-        with nvtx_range("forward"):
-            x_in, out = p.net.forward(x, p.t[i], graph=not final)
-        eps_g, v = backend._split(p, out, x)
-        eps = eps_g.detach()
-        with nvtx_range("operator"):
-            x0hat = ops.tweedie(x, eps, coefs, p.clip)
-            rnorm2 = residual(p, x0hat)
-        if final:
-            return StepOutput(None, x0hat, rnorm2, 1)
+    def weight(self, i: int) -> float:
+        """``c`` of step ``i``: the update adds ``zeta c (d x0hat / d x_t)^T h``."""
         abar = self.schedule.coef(i, Coef.SQRT_ABAR) ** 2
-        with nvtx_range("operator"):
-            h = regularized_pinv(self.view, x0hat, state["uty"], 1.0 - abar, self.sigma_n ** 2)
-            w = ops.apply_clip_mask(h, x0hat, p.clip)
-        with nvtx_range("vjp"):
-            u = p.net.vjp(eps_g, x_in, w)
-        c = self.schedule.coef(i, Coef.COEF_X0) * (1.0 - abar) / math.sqrt(abar)
-        with nvtx_range("update"):
-            x_next = ops.dps_update(x, eps, w, u, p.zeta * (-0.5 * c), coefs, i, p.clip, p.variance,
-                                    None if v is None else v.detach(), p.seeds, noise, out=x)
-        return StepOutput(x_next, x0hat, rnorm2, 2)
+        if self.weighting == "public":
+            abar_prev = self.schedule.coef(i - 1, Coef.SQRT_ABAR) ** 2 if i > 0 else 1.0
+            return math.sqrt(abar_prev * abar) * (1.0 - abar)
+        return self.schedule.coef(i, Coef.COEF_X0) * (1.0 - abar) / math.sqrt(abar)
 
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", zeta={self.zeta!r})"
+    def advance(self, backend: Backend, p: StepProblem, x: torch.Tensor, i: int, state: dict,
+                noise: Optional[torch.Tensor] = None, final: bool = False) -> StepOutput:
+        fused = backend.fused()
+        ops = fused.ops
+
+        def guide(p: StepProblem, x: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, i: int,
+                  final: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+            with nvtx_range("operator"):
+                x0hat = ops.tweedie(x, eps, coefs, p.clip)
+                rnorm2 = residual(p, x0hat)
+            if final:
+                return x0hat, None, rnorm2, None
+            abar = self.schedule.coef(i, Coef.SQRT_ABAR) ** 2
+            with nvtx_range("operator"):
+                h = regularized_pinv(self.view, x0hat, state["uty"], 1.0 - abar, self.sigma_n ** 2)
+                w = ops.apply_clip_mask(h, x0hat, p.clip)
+            return x0hat, w, rnorm2, p.zeta * (-0.5 * self.weight(i))
+
+        return fused.step(p, x, i, noise=noise, final=final, in_place=True, guide=guide)
+
+    def extra_repr(self) -> str:
+        return f"zeta={self.zeta!r}, weighting={self.weighting!r}"

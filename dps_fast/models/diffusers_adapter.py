@@ -17,7 +17,7 @@ from torch import nn
 
 from dps_fast.schedule import NoiseSchedule
 
-__all__ = ["DiffusersEpsModel", "from_diffusers"]
+__all__ = ["DiffusersEpsModel", "from_diffusers", "import_diffusers"]
 
 
 class DiffusersEpsModel(nn.Module):
@@ -40,7 +40,7 @@ class DiffusersEpsModel(nn.Module):
         return self.unet(x, t, return_dict=False)[0]
 
 
-def _import_diffusers() -> Any:
+def import_diffusers() -> Any:
     try:
         import diffusers
     except ImportError as exc:
@@ -67,7 +67,7 @@ def from_diffusers(unet: nn.Module, scheduler: Any | None = None) -> tuple[nn.Mo
         TypeError: ``unet`` is not a ``UNet2DModel`` or ``scheduler`` has no betas/config.
         ValueError: the model is not an epsilon predictor.
     """
-    diffusers = _import_diffusers()
+    diffusers = import_diffusers()
     if not isinstance(unet, diffusers.UNet2DModel):
         raise TypeError(f"unet: expected a diffusers.UNet2DModel, got {type(unet).__name__}")
     in_ch, out_ch = unet.config.in_channels, unet.config.out_channels

@@ -165,6 +165,11 @@ class Differentiable(Operator):
         if self._out_sample is not None and self._out_sample != output_shape[1:]:
             raise ValueError(f"input_shape: {self!r} gives measurements of per-sample shape {self._out_sample}, "
                              f"got y of shape {output_shape}; when A changes the shape pass input_shape=(C, *S)")
+        if self._out_sample is None and not callable(self._out_spec):
+            probed = self._probe(output_shape)
+            if probed != output_shape:
+                raise ValueError(f"input_shape: {self!r} changes the shape (an x of y's shape {output_shape} gives "
+                                 f"{probed}), so x's shape cannot be taken from y's; pass input_shape=(C, *S)")
         return output_shape
 
     def describe(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .mixture import GaussianMixturePrior, _as_real_tensor
+from .mixture import GaussianMixturePrior, as_real_tensor
 
 __all__ = ["GaussianPrior"]
 
@@ -30,8 +30,8 @@ class GaussianPrior(GaussianMixturePrior):
     """
 
     def __init__(self, mean: Any, cov: Any) -> None:
-        mu = _as_real_tensor(mean, "mean")
-        cv = _as_real_tensor(cov, "cov")
+        mu = as_real_tensor(mean, "mean")
+        cv = as_real_tensor(cov, "cov")
         if mu.dim() != 1 or mu.numel() < 1:
             raise ValueError(f"mean: expected shape [d] with d >= 1, got {tuple(mu.shape)}")
         d = mu.numel()

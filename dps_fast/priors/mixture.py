@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["GaussianMixturePrior", "MixtureEps", "Posterior"]
+__all__ = ["GaussianMixturePrior", "MixtureEps", "Posterior", "as_real_tensor"]
 
 _F64 = torch.float64
 
@@ -26,7 +26,7 @@ class _HasBaseAlphas(Protocol):
 
 
 # ---- input checks -----------------------------------------------------------------------------
-def _as_real_tensor(value: Any, name: str) -> torch.Tensor:
+def as_real_tensor(value: Any, name: str) -> torch.Tensor:
     """``value`` as a tensor: a tensor keeps its floating dtype (ints become float64), anything else
     (Python numbers, lists, arrays) is read as float64, never through torch's float32 default."""
     try:
@@ -98,9 +98,9 @@ class GaussianMixturePrior:
     """
 
     def __init__(self, weights: Any, means: Any, covs: Any) -> None:
-        w = _as_real_tensor(weights, "weights")
-        mu = _as_real_tensor(means, "means")
-        cv = _as_real_tensor(covs, "covs")
+        w = as_real_tensor(weights, "weights")
+        mu = as_real_tensor(means, "means")
+        cv = as_real_tensor(covs, "covs")
         if w.dim() != 1 or w.numel() < 1:
             raise ValueError(f"weights: expected shape [K] with K >= 1, got {tuple(w.shape)}")
         k = w.numel()
@@ -171,15 +171,15 @@ class GaussianMixturePrior:
         s^2 G_k G_k^T`` (Joseph form: equal to ``Sigma_k - G_k A Sigma_k`` and PSD by
         construction), ``weight_k ∝ pi_k N(y; A mu_k, S_k)`` normalised in log space.
         """
-        a = _as_real_tensor(A, "A")
-        yy = _as_real_tensor(y, "y")
+        a = as_real_tensor(A, "A")
+        yy = as_real_tensor(y, "y")
         d = self.dim
         if a.dim() != 2 or a.shape[1] != d or a.shape[0] < 1:
             raise ValueError(f"A: expected shape [m, d={d}] with m >= 1, got {tuple(a.shape)}")
         m = a.shape[0]
         if yy.dim() != 3 or yy.shape[1] != 1 or yy.shape[2] != m or yy.shape[0] < 1:
             raise ValueError(f"y: expected shape [B, 1, m={m}] with B >= 1, got {tuple(yy.shape)}")
-        s = _as_real_tensor(sigma_n, "sigma_n")
+        s = as_real_tensor(sigma_n, "sigma_n")
         if s.numel() != 1:
             raise ValueError(f"sigma_n: expected a scalar, got shape {tuple(s.shape)}")
         s = float(s)

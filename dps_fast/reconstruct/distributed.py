@@ -30,7 +30,7 @@ from .data import DONE, ITEMS, METRICS, atomic_write_bytes, read_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "init", "barrier", "all_gather_object", "teardown", "merge", "collect_done", "TIMEOUT",
+__all__ = ["DistContext", "init", "barrier", "all_gather_object", "teardown", "merge", "collect_done", "cell", "TIMEOUT",
            "METRIC_COLUMNS"]
 
 #: Collective timeout. Ranks meet only after listing the work and at the end, and the work is
@@ -142,7 +142,8 @@ def teardown(ctx: DistContext) -> None:
 METRIC_COLUMNS = ("image", "index", "sample", "seed", "psnr", "ssim", "residual_norm", "seconds", "rank")
 
 
-def _cell(v: Any) -> str:
+def cell(v: Any) -> str:
+    """One metrics.csv cell: "" for None, floats that round-trip (inf/nan as "inf"/"nan")."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -180,6 +181,6 @@ def merge(out_dir: Union[str, os.PathLike], fingerprint: Optional[str] = None) -
     writer.writerow(METRIC_COLUMNS)
     for rec in records:
         for row in rec.get("metrics", []):
-            writer.writerow([_cell(row.get(c)) for c in METRIC_COLUMNS])
+            writer.writerow([cell(row.get(c)) for c in METRIC_COLUMNS])
     atomic_write_bytes(Path(out_dir) / METRICS, buf.getvalue().encode())
     return records

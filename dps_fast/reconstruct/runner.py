@@ -1,13 +1,19 @@
 """The reconstruction loop behind ``dps-fast reconstruct`` and :func:`reconstruct`.
 
 For every input item ``x`` (or given measurement ``y``) it draws ``S`` posterior samples with
-:class:`~dps_fast.DPS` and writes, under ``OUT/items/NAME/``: ``measurement.png``,
+one of the registered methods (:mod:`dps_fast.methods.registry`: DPS by default, MCG, PiGDM,
+DDRM) and writes, under ``OUT/items/NAME/``: ``measurement.png``,
 ``sample_000.png`` ..., ``mean.png``, ``std.png``, ``tensors.pt`` (the float tensors) and, last,
 ``done.json`` (the item's metrics). Each finished item's rows are appended to ``OUT/metrics.csv``
 at once; at the end ``OUT/metrics.csv`` is rewritten, sorted, from the done markers (as
 ``--merge-only`` does) and ``OUT/manifest.json`` gets the run's status. The ``seconds`` column is
 the item's share of the wall time of the sampler calls it was part of (a batched call's time
 split evenly over the samples it ran), not a per-image latency.
+
+The pieces live by responsibility: :mod:`~dps_fast.reconstruct.manifest` (settings fingerprint,
+environment, status), :mod:`~dps_fast.reconstruct.items` (item keys, seeds, simulated
+measurements, an item's outputs), :mod:`~dps_fast.reconstruct.batching` (chunk size, streaming),
+:mod:`~dps_fast.reconstruct.distributed` (torchrun, merging); this module is the run loop.
 
 Reproducibility and resumption:
 
@@ -39,19 +45,10 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import datetime
-import hashlib
-import importlib.metadata
-import io
-import json
 import logging
 import os
-import platform
-import socket
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -59,277 +56,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__ as dps_fast_version
-from ..noise import philox_normal, seeds_from
+from ..cli_options import model_geometry
+from ..engine import Engine
+from ..methods.registry import MethodSpec, get_method
 from ..operators.base import Operator
-from ..operators.poisson import NOISE_MODELS, PoissonNoise
-from ..sampler import DPS
+from ..operators.poisson import PoissonNoise
 from ..schedule import NoiseSchedule
 from . import distributed
+from . import manifest as manifest_mod
 from .batching import auto_rows, pick_checkpointing, stream_chunks, time_step
-from .data import (DONE, IMAGE_EXTENSIONS, MANIFEST, METRICS, TENSORS, DataSource, InputError, item_dir,
-                   open_dataset, open_measurements, read_json, remove_stale_tmp, save_png, save_tensors,
-                   write_json)
-from .metrics import psnr, ssim
+from .data import (IMAGE_EXTENSIONS, MANIFEST, METRICS, DataSource, InputError, open_dataset, open_measurements,
+                   read_json, write_json)
+from .items import (STD_PNG_GAIN, Item, ItemSource, append_metrics, apply_operator, item_key, item_seeds,
+                    noise_model, simulate_measurement, write_item)
+from .manifest import (MANIFEST_FORMAT, check_resumable, describe_operator, environment, now, run_status,
+                       schedule_id, this_process)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["reconstruct", "ReconstructSummary", "model_geometry", "probe_step", "item_key", "item_seeds",
-           "simulate_measurement", "apply_operator", "noise_model", "environment", "run_status", "check_resumable",
-           "STD_PNG_GAIN", "MANIFEST_FORMAT"]
-
-#: ``std.png`` shows ``clamp(STD_PNG_GAIN * std, 0, 1)`` (std in the model's [-1, 1] units): white
-#: is a standard deviation of 1/8 of the intensity range or more.
-STD_PNG_GAIN = 4.0
-MANIFEST_FORMAT = 1
-_KEY_MASK = (1 << 62) - 1
-_MEASUREMENT_STREAM = 2  # philox stream of the simulated measurement noise (the sampler uses 0 and 1)
-
-
-# ---- seeds and measurements -------------------------------------------------------------------
-def item_key(seed: int, name: str, purpose: str = "samples") -> int:
-    """A 62-bit key for item ``name``: ``blake2b(seed, name, purpose)``; independent of the
-    item's position, the shard and the batch."""
-    h = hashlib.blake2b(f"{seed}\x00{name}\x00{purpose}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & _KEY_MASK
-
-
-def item_seeds(seed: int, name: str, samples: int) -> torch.Tensor:
-    """The sampler seeds ``[samples]`` (int64) of item ``name``; sample ``j`` is the same for
-    any ``samples > j``."""
-    return seeds_from(None, samples, seed=item_key(seed, name))
-
-
-def apply_operator(operator: Operator, x: torch.Tensor) -> torch.Tensor:
-    """``A(x)`` without a graph where the operator must run (``operator.placement()``; default
-    float64 on the CPU, e.g. a ``Differentiable`` module's own device and dtype), on the CPU."""
-    dev, dt = operator.placement() if hasattr(operator, "placement") else (None, None)
-    with torch.no_grad():
-        y = operator(x.detach().to(device=dev or "cpu", dtype=dt or torch.float64))
-    return y.cpu()
-
-
-def noise_model(noise: Union[str, PoissonNoise], rate: Optional[float] = None) -> Optional[PoissonNoise]:
-    """The measurement noise of ``reconstruct``/the CLI: None for "gaussian", a PoissonNoise for
-    "poisson" (``rate`` counts per level, default 1.0) or a given PoissonNoise."""
-    if isinstance(noise, PoissonNoise):
-        if rate is not None:
-            raise ValueError(f"rate: give the rate inside the PoissonNoise, got rate={rate!r} as well")
-        return noise
-    if noise not in NOISE_MODELS:
-        raise ValueError(f"noise: expected one of {NOISE_MODELS} or a PoissonNoise, got {noise!r}")
-    if noise == "gaussian":
-        if rate is not None:
-            raise ValueError(f"rate: only used with noise 'poisson', got rate={rate!r} with noise 'gaussian'")
-        return None
-    return PoissonNoise(1.0 if rate is None else rate)
-
-
-def simulate_measurement(operator: Operator, x: torch.Tensor, sigma_n: float, seed: int,
-                         name: str, noise: Optional[PoissonNoise] = None) -> torch.Tensor:
-    """``y = A x + sigma_n * z`` for one item ``x [C, H, W]``, computed in float64 on the CPU (or
-    on the operator's placement) with Philox noise keyed by ``(seed, name)``; returns float32 ``[*y]``.
-
-    With ``noise`` (Poisson) ``y = noise.sample(A x)`` instead (``sigma_n`` unused), drawn by
-    ``torch.poisson`` with a CPU generator seeded by the same per-item key: reproducible per item,
-    independent of batches and shards.
-    """
-    y = apply_operator(operator, x[None])[0].double()
-    key = item_key(seed, name, "measurement")
-    if noise is not None:
-        return noise.sample(y, torch.Generator().manual_seed(key)).float()
-    if sigma_n > 0:
-        keys = torch.tensor([key], dtype=torch.int64)
-        y = y + sigma_n * philox_normal(keys, y.numel(), 0, _MEASUREMENT_STREAM, torch.float64).view_as(y)
-    return y.float()
-
-
-# ---- identity of a run ------------------------------------------------------------------------
-def _hash_tensor(h: Any, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
-
-
-def _model_id(model: Any) -> str:
-    """``Type:hash`` of the model's parameters and buffers (exact bytes)."""
-    h = hashlib.blake2b(digest_size=12)
-    if isinstance(model, nn.Module):
-        for name, t in model.state_dict().items():
-            h.update(name.encode())
-            _hash_tensor(h, t)
-    return f"{type(model).__name__}:{h.hexdigest()}"
-
-
-def _describe_operator(op: Operator) -> dict[str, Any]:
-    """The operator's type, scalar settings, a hash of each defining tensor (mask, kernel) and
-    what ``op.describe()`` adds (e.g. a ``Differentiable``'s function and weights)."""
-    desc: dict[str, Any] = {"type": type(op).__name__, "repr": repr(op)}
-    for k, v in sorted(vars(op).items()):
-        if k.startswith("_cache"):
-            continue
-        if isinstance(v, torch.Tensor):
-            h = hashlib.blake2b(digest_size=8)
-            _hash_tensor(h, v)
-            desc[k] = h.hexdigest()
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            desc[k] = v
-    if hasattr(op, "describe"):
-        desc.update(op.describe())
-    return desc
-
-
-def _schedule_id(schedule: NoiseSchedule) -> dict[str, Any]:
-    h = hashlib.blake2b(digest_size=8)
-    _hash_tensor(h, schedule.table(torch.float64))
-    _hash_tensor(h, schedule.timesteps)
-    return {"steps": schedule.num_steps, "hash": h.hexdigest()}
-
-
-def _fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def check_resumable(previous: Optional[dict[str, Any]], settings: dict[str, Any], fingerprint: str, out: Path,
-                    flag: str = "out", other: str = "another output folder") -> None:
-    """Refuse to write into ``out`` when its manifest ``previous`` (None: a new folder) is of a
-    run with other settings: a ValueError naming ``flag`` and the differing top-level settings."""
-    if previous is None or previous.get("fingerprint") == fingerprint:
-        return
-    old = previous.get("settings", {})
-    diff = sorted(k for k in set(old) | set(settings)
-                  if json.dumps(old.get(k), default=str, sort_keys=True)
-                  != json.dumps(settings.get(k), default=str, sort_keys=True))
-    raise ValueError(f"{flag}: {str(out)!r} holds a run with other settings (differing: {', '.join(diff) or '?'}); "
-                     f"use {other}, or the same settings to resume")
-
-
-def _git_commit() -> Optional[dict[str, Any]]:
-    """Commit of the checkout dps_fast is imported from (None if it is not one)."""
-    pkg = Path(__file__).resolve().parents[1]
-    try:
-        top = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=10)
-        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != pkg.parent:
-            return None
-        head = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
-def _version(dist_name: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or device.type
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions, device and git commit for the run manifest."""
-    import PIL
-
-    return {
-        "versions": {
-            "dps_fast": dps_fast_version, "torch": torch.__version__, "triton": _version("triton"),
-            "python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        },
-        "device": str(device), "device_name": _device_name(device), "hostname": socket.gethostname(),
-        "platform": platform.platform(), "git": _git_commit(),
-    }
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _process_start(pid: int) -> Optional[int]:
-    """Start time of process ``pid`` in clock ticks since boot (Linux /proc), to tell a live run
-    from a reused pid; None where /proc is unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _this_process() -> dict[str, Any]:
-    return {"hostname": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
-
-
-def run_status(manifest: dict[str, Any]) -> str:
-    """The run's status from its manifest, with a "running" run whose process is gone (killed:
-    nothing could update the file) shown as "interrupted". A run on another host keeps
-    "running" (it cannot be checked from here)."""
-    status = str(manifest.get("status", "unknown"))
-    proc = manifest.get("process")
-    if status != "running" or not isinstance(proc, dict) or proc.get("hostname") != socket.gethostname():
-        return status
-    pid = proc.get("pid")
-    if not isinstance(pid, int):
-        return status
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "interrupted"
-    except PermissionError:
-        pass  # it exists, owned by someone else
-    start = _process_start(pid)
-    if proc.get("start") is not None and start is not None and start != proc.get("start"):
-        return "interrupted"  # the pid was reused
-    return status
-
-
-def _append_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Append one finished item's rows to OUT/metrics.csv in one O_APPEND write (ranks of a
-    torchrun job append concurrently; the merge at the end rewrites the file sorted)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    for row in rows:
-        writer.writerow([distributed._cell(row.get(c)) for c in distributed.METRIC_COLUMNS])
-    fd = os.open(out / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, buf.getvalue().encode())
-    finally:
-        os.close(fd)
-
-
-# ---- the loop ---------------------------------------------------------------------------------
-@dataclass
-class _Item:
-    index: int
-    name: str
-    path: Optional[str]
-    x: Optional[torch.Tensor]  # [C, H, W] clean input, float32
-    y: torch.Tensor  # [*y] measurement, float32
-    seeds: torch.Tensor  # [S] int64
-    parts: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    seconds: float = 0.0
+# item_key ... run_status live in .items and .manifest; listed here too for callers of this module
+__all__ = ["reconstruct", "ReconstructSummary", "NothingReconstructed", "sampler_settings", "choose_rows",
+           "run_settings", "load_items", "sampler_call", "finish_run", "probe_step", "model_geometry", "item_key", "item_seeds", "simulate_measurement", "apply_operator",
+           "noise_model", "environment", "run_status", "check_resumable", "STD_PNG_GAIN", "MANIFEST_FORMAT"]
 
 
 @dataclass
 class ReconstructSummary:
     """What :func:`reconstruct` did. On rank 0 ``done``/``skipped``/``missing`` cover all ranks and
-    ``status`` is the run's ("complete", or "incomplete" with ``missing`` items); other ranks
+    ``status`` is the run's: "complete", "incomplete" (``missing`` items), or "nothing-done" (no
+    input was reconstructed, now or before: all were skipped, or there were none); other ranks
     report their shard ("shard-done")."""
 
     rank: int
@@ -346,44 +101,93 @@ class ReconstructSummary:
     manifest: dict[str, Any]
 
 
-def model_geometry(model: Any, image_size: Optional[int]) -> tuple[Optional[int], Optional[int]]:
-    """(channels, square image size) the model expects, from ADMUNet / diffusers attributes."""
-    channels = getattr(model, "in_channels", None)
-    size = image_size if image_size is not None else getattr(model, "image_size", None)
-    if size is None:
-        cfg = getattr(getattr(model, "unet", None), "config", None)
-        s = getattr(cfg, "sample_size", None)
-        if isinstance(s, (list, tuple)):
-            if len(set(s)) != 1:
-                raise ValueError(f"model: only square images are supported, the model's sample_size is {s}")
-            s = s[0]
-        size = s
-    return (int(channels) if channels is not None else None), (int(size) if size is not None else None)
+class NothingReconstructed(RuntimeError):
+    """No input was reconstructed (every one was skipped, or none was found); ``summary`` says
+    why (its ``skipped`` list) and the manifest's status is "nothing-done"."""
+
+    def __init__(self, summary: "ReconstructSummary") -> None:
+        reasons = "; ".join(s["reason"] for s in summary.skipped[:3])
+        more = f" (and {len(summary.skipped) - 3} more)" if len(summary.skipped) > 3 else ""
+        what = (f"all {len(summary.skipped)} inputs were skipped: {reasons}{more}" if summary.skipped
+                else "no inputs were found")
+        super().__init__(f"nothing was reconstructed: {what}")
+        self.summary = summary
 
 
-def _metric_rows(item: _Item, samples: torch.Tensor, rnorm: torch.Tensor, mean: torch.Tensor,
-                 rnorm_mean: float, rank: int) -> list[dict[str, Any]]:
-    q_samples: list[Optional[float]] = [None] * samples.shape[0]
-    s_samples: list[Optional[float]] = [None] * samples.shape[0]
-    q_mean = s_mean = None
-    if item.x is not None:
-        ref = ((item.x.double() + 1) / 2).clamp(0, 1)
-        s01 = ((samples.double() + 1) / 2).clamp(0, 1)
-        m01 = ((mean.double() + 1) / 2).clamp(0, 1)
-        q_samples = psnr(s01, ref.expand_as(s01)).tolist()
-        s_samples = ssim(s01, ref.expand_as(s01)).tolist()
-        q_mean, s_mean = float(psnr(m01, ref)), float(ssim(m01, ref))
-    common = {"image": item.name, "index": item.index, "seconds": round(item.seconds, 4), "rank": rank}
-    rows = [dict(common, sample="mean", seed=None, psnr=q_mean, ssim=s_mean, residual_norm=rnorm_mean)]
-    for j in range(samples.shape[0]):
-        rows.append(dict(common, sample=j, seed=int(item.seeds[j]), psnr=q_samples[j], ssim=s_samples[j],
-                         residual_norm=float(rnorm[j])))
-    return rows
+def sampler_settings(method: str, zeta: Optional[float], guidance: Optional[str],
+                     method_options: Optional[dict[str, Any]], clip: bool, variance: Optional[str],
+                     noise: Optional[PoissonNoise]) -> tuple[MethodSpec, dict[str, Any]]:
+    """The registered method and the keywords of its sampler (its hyperparameter, guidance,
+    clip, variance, noise and ``method_options``), checked before any work starts."""
+    spec = get_method(method)
+    kw: dict[str, Any] = dict(method_options or {})
+    if not isinstance(method_options, (dict, type(None))):
+        raise TypeError(f"method_options: expected a dict or None, got {type(method_options).__name__}")
+    unused = spec.cls.unused_options
+    if spec.param == "zeta":
+        kw["zeta"] = spec.default if zeta is None else zeta
+    elif zeta is not None:
+        raise ValueError(f"zeta: --method {spec.key} has no guidance scale (its setting is {spec.param}), got zeta={zeta!r}")
+    if spec.guided:
+        kw["guidance"] = guidance or "normalized"
+    elif guidance is not None:
+        raise ValueError(f"guidance: only dps and mcg take a guidance mode, got guidance={guidance!r} with {spec.key}")
+    if "clip_x0" not in unused:
+        kw["clip_x0"] = (-1.0, 1.0) if clip else None
+    if variance is not None:
+        if "variance" in unused:
+            raise ValueError(f"variance: {spec.key} does not use the reverse-step variance, got {variance!r}")
+        kw["variance"] = variance
+    if noise is not None:
+        if "noise" in unused:
+            raise ValueError(f"noise: {spec.key} supports Gaussian measurement noise only, got {noise!r}")
+        kw["noise"] = noise
+    return spec, kw
 
 
-def probe_step(dps: DPS, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
+def choose_rows(sampler: Engine, model: Any, previous: Optional[dict[str, Any]], batch_size: Union[int, str],
+                samples: int, items: int, x_shape: Optional[tuple[int, ...]], y_shape: Optional[tuple[int, ...]],
+                ctx: distributed.DistContext) -> tuple[int, dict[str, Any]]:
+    """The chunk size (sampler rows per call) and its record for the manifest: ``batch_size``
+    images, else (``"auto"``) the chunk of the run being resumed, else the memory probe's choice
+    (with or without activation checkpointing, whichever is faster), agreed by all ranks."""
+    dev = ctx.device
+    total_rows = max(1, items * samples)
+    if batch_size != "auto":
+        return batch_size * samples, {"mode": "fixed", "rows": batch_size * samples}
+    if dev.type == "cuda" and (previous or {}).get("mode") == "probe":
+        if "checkpointing" in previous and hasattr(model, "set_checkpointing"):
+            model.set_checkpointing(bool(previous["checkpointing"]))
+        return int(previous["rows"]), dict(previous, reused=True)  # resume with the first run's chunk
+    if dev.type == "cuda" and (x_shape is None or y_shape is None):
+        raise ValueError("batch_size: 'auto' needs the model's image size; pass image_size= or a fixed batch")
+    probe = probe_step(sampler, x_shape, y_shape, dev) if x_shape is not None else (lambda r: None)
+    ckpt_info: dict[str, Any] = {}
+    if dev.type == "cuda" and hasattr(model, "set_checkpointing"):
+        measured: dict[bool, tuple[int, dict[str, Any]]] = {}
+
+        def measure(flag: bool) -> tuple[int, float]:
+            model.set_checkpointing(flag)
+            r, info = auto_rows(probe, dev, samples, max_rows=total_rows)
+            measured[flag] = (r, info)
+            return r, time_step(probe, r, dev)
+
+        use_ckpt, ckpt_info = pick_checkpointing(measure)
+        # Every rank follows rank 0's choice (identical GPUs measure alike).
+        use_ckpt = bool(distributed.all_gather_object(ctx, use_ckpt)[0])
+        model.set_checkpointing(use_ckpt)
+        rows, batch_info = measured[use_ckpt]
+        ckpt_info["checkpointing"] = use_ckpt
+    else:
+        rows, batch_info = auto_rows(probe, dev, samples, max_rows=total_rows)
+    # One chunk size for every rank: same shapes, same floating-point results.
+    rows = min(distributed.all_gather_object(ctx, rows))
+    return rows, dict(batch_info, rows=rows, **ckpt_info)
+
+
+def probe_step(dps: Engine, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
                device: torch.device) -> Callable[[int], None]:
-    """``f(rows)``: one guided step (forward + VJP + update) of ``dps`` on ``rows`` dummy rows,
+    """``f(rows)``: one step (forward, VJP if the method has one, update) of the sampler ``dps`` on ``rows`` dummy rows,
     the memory probe of :func:`~dps_fast.reconstruct.batching.auto_rows`.
 
     The probe runs the network uncompiled (:func:`~dps_fast.models.wrapper.run_uncompiled`): probes
@@ -401,56 +205,104 @@ def probe_step(dps: DPS, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
     return step
 
 
-def _write_item(out_dir: Path, item: _Item, operator: Operator, fingerprint: str, rank: int,
-                noise: Optional[PoissonNoise] = None) -> dict:
-    """All outputs of one finished item; the done marker last. Returns the marker."""
-    item.parts.sort(key=lambda p: p[0])
-    samples = torch.cat([p[1] for p in item.parts])  # [S, C, H, W]
-    rnorm = torch.cat([p[2] for p in item.parts])  # [S]
-    mean64 = samples.double().mean(0)
-    std64 = samples.double().std(0, unbiased=False) if samples.shape[0] > 1 else torch.zeros_like(mean64)
-    r_mean = apply_operator(operator, mean64[None])[0].double() - item.y.double()
-    # the samples' residual_norm is the sampler's: ||r||_Lambda under Poisson noise
-    rnorm_mean = float((r_mean.abs().square() * (1.0 if noise is None else noise.weight(item.y.double()))).sum().sqrt())
-    rows = _metric_rows(item, samples, rnorm, mean64, rnorm_mean, rank)
-    folder = item_dir(out_dir, item.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(folder)
-    files = []
-    if item.y.dim() == 3 and item.y.shape[0] in (1, 3) and not item.y.is_complex():
-        save_png(folder / "measurement.png", item.y)
-        files.append("measurement.png")
-    for j in range(samples.shape[0]):
-        save_png(folder / f"sample_{j:03d}.png", samples[j])
-        files.append(f"sample_{j:03d}.png")
-    save_png(folder / "mean.png", mean64.float())
-    save_png(folder / "std.png", (STD_PNG_GAIN * std64).clamp(0, 1) * 2 - 1)
-    tensors = {"measurement": item.y, "samples": samples, "mean": mean64.float(), "std": std64.float(),
-               "residual_norm": rnorm, "seeds": item.seeds.clone(), "name": item.name, "index": item.index}
-    if item.x is not None:
-        tensors["x"] = item.x
-    save_tensors(folder / TENSORS, tensors)
-    files += ["mean.png", "std.png", TENSORS]
-    marker = {"name": item.name, "index": item.index, "path": item.path, "fingerprint": fingerprint,
-              "samples": int(samples.shape[0]), "seconds": round(item.seconds, 4), "rank": rank,
-              "finished": _now(), "files": files, "metrics": rows}
-    write_json(folder / DONE, marker)
-    return marker
+def run_settings(model_id: str, operator: Operator, schedule: NoiseSchedule, sigma_n: float, spec: MethodSpec,
+                 method_kw: dict[str, Any], *, noise: Optional[PoissonNoise], **fields: Any) -> dict[str, Any]:
+    """The result-affecting settings of a run, whose fingerprint identifies it (``fields``: the
+    plain ones: samples, seed, clip, ...). Keys appear only when they differ from the defaults of
+    earlier versions (Poisson noise, a method other than DPS), so those runs keep their fingerprints."""
+    settings = {
+        "model": model_id, "operator": describe_operator(operator), "schedule": schedule_id(schedule),
+        "sigma_n": float(sigma_n), "zeta": method_kw.get("zeta"), "guidance": method_kw.get("guidance"),
+    }
+    for k in ("samples", "seed", "clip", "variance", "resize", "image_size", "channels", "autocast", "measurements"):
+        settings[k] = fields[k]
+    if noise is not None:
+        settings["noise"] = repr(noise)
+    if spec.key != "dps":
+        settings["method"] = dict({"name": spec.key}, **{k: v for k, v in method_kw.items()
+                                                         if k not in ("zeta", "guidance", "clip_x0", "variance")})
+    return settings
+
+
+def load_items(source: ItemSource, indices: list[int], skipped: list[dict[str, Any]], bar: Any) -> Iterator[Item]:
+    """The items at ``indices``; one that cannot be used is logged, appended to ``skipped`` and
+    counted on the progress ``bar``."""
+    for i in indices:
+        try:
+            yield source.load(i)
+        except InputError as exc:  # logged once here; the CLI only counts them
+            logger.warning("skipping %s", exc)
+            skipped.append({"name": source.names[i], "path": source.paths[i], "reason": str(exc)})
+            bar.update(1)
+
+
+def sampler_call(sampler: Engine, device: torch.device, progress: bool
+                 ) -> Callable[[list], list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """``run(jobs)`` for :func:`~dps_fast.reconstruct.batching.stream_chunks`: one ``sample`` call
+    over the jobs' measurements and seeds; per job ``(samples [S, *x], residual norms [S], seconds)``."""
+
+    def run(jobs: list) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        count = jobs[0].count
+        y = torch.stack([j.key.y for j in jobs]).to(device)
+        seeds = torch.stack([j.key.seeds[j.start:j.stop] for j in jobs])
+        t0 = time.perf_counter()
+        res = sampler.sample(y, num_samples=count, seeds=seeds, progress=progress)
+        smp = res.samples.detach().float().cpu()
+        rn = res.residual_norm.detach().double().cpu()
+        dt = time.perf_counter() - t0
+        return [(smp[b], rn[b], dt) for b in range(len(jobs))]
+
+    return run
+
+
+def finish_run(ctx: distributed.DistContext, out: Path, fingerprint: str, manifest: dict[str, Any],
+               names: list[str], ranks: list[dict[str, Any]], done_before: set[str],
+               t_start: float) -> "ReconstructSummary":
+    """Rank 0 merges the ranks' items into metrics.csv and writes the final manifest; every rank
+    returns its :class:`ReconstructSummary` (``ranks``: the all-gathered per-rank records)."""
+    done_names: set[str] = set()
+    skipped_all = [s for r in ranks for s in r["skipped"]]
+    missing: list[str] = []
+    mine = next(r for r in ranks if r["rank"] == ctx.rank)
+    if ctx.is_main:
+        records = distributed.merge(out, fingerprint)
+        done_names = {r["name"] for r in records}
+        skipped_all = [s for s in skipped_all if s["name"] not in done_names]
+        skipped_names = {s["name"] for s in skipped_all}
+        missing = [n for n in names if n not in done_names and n not in skipped_names]
+        status = "complete" if not missing else "incomplete"
+        if not done_names:
+            status = "nothing-done"
+        manifest.update(
+            status=status, finished=now(), seconds=round(time.perf_counter() - t_start, 3),
+            ranks=[{k: v for k, v in r.items() if k != "skipped"} for r in ranks],
+            inputs={"total": len(names), "done": len(done_names), "finished_now": sum(r["finished"] for r in ranks),
+                    "already_done": len(done_before), "skipped": skipped_all, "missing": missing},
+            metrics=METRICS)
+        write_json(out / MANIFEST, manifest)
+    else:
+        status = "shard-done"  # rank 0 has the run's status
+    return ReconstructSummary(
+        rank=ctx.rank, out_dir=out, total=len(names),
+        done=len(done_names) if ctx.is_main else mine["finished"] + len(done_before),
+        finished_now=sum(r["finished"] for r in ranks), already_done=len(done_before), skipped=skipped_all,
+        missing=missing, rows=mine["rows"], seconds=time.perf_counter() - t_start, status=status, manifest=manifest)
 
 
 def reconstruct(
     inputs: Optional[DataSource], out_dir: Union[str, os.PathLike], model: Any, operator: Operator, *,
-    schedule: Optional[NoiseSchedule] = None, steps: int = 1000, sigma_n: float = 0.05, zeta: float = 1.0,
-    guidance: str = "normalized", samples: int = 1, seed: int = 0, batch_size: Union[int, str] = "auto",
+    schedule: Optional[NoiseSchedule] = None, steps: int = 1000, sigma_n: float = 0.05,
+    method: str = "dps", zeta: Optional[float] = None, guidance: Optional[str] = None,
+    method_options: Optional[dict[str, Any]] = None, samples: int = 1, seed: int = 0, batch_size: Union[int, str] = "auto",
     device: Union[str, torch.device, None] = None, backend: str = "auto", compile: Optional[bool] = None,
     autocast: Optional[torch.dtype] = None, clip: bool = True, variance: Optional[str] = None,
     resize: bool = False, image_size: Optional[int] = None, measurements: Optional[DataSource] = None,
     progress: bool = True, options: Optional[dict[str, Any]] = None, model_id: Optional[str] = None,
     pad: bool = True, fault: Optional[Callable[[int], None]] = None,
     on_item_done: Optional[Callable[[str], None]] = None,
-    noise: Union[str, PoissonNoise] = "gaussian", rate: Optional[float] = None,
+    noise: Union[str, PoissonNoise] = "gaussian", rate: Optional[float] = None, allow_nothing: bool = False,
 ) -> ReconstructSummary:
-    """Reconstruct every item of a dataset with DPS and write the outputs to ``out_dir``.
+    """Reconstruct every item of a dataset with a sampling method and write the outputs to ``out_dir``.
 
     Args:
         inputs: clean images (a folder, a ``.npy``/``.pt`` file ``[N, C, H, W]`` in [-1, 1], a
@@ -461,9 +313,17 @@ def reconstruct(
         operator: the forward model ``A``: any :class:`~dps_fast.operators.Operator` (e.g. a user
             module wrapped in ``operators.Differentiable``; it is evaluated on its own device).
         schedule: the sampling schedule (default ``NoiseSchedule.linear(1000).respace(steps)``).
-        sigma_n: measurement noise std (simulated measurements and the DPS likelihood).
-        zeta, guidance, clip, variance, backend, compile, autocast: passed to :class:`DPS`
-            (``clip=True`` is ``clip_x0=(-1, 1)``, as in the DPS code).
+        sigma_n: measurement noise std (simulated measurements and the sampler's likelihood).
+        method: a registered method (:mod:`dps_fast.methods.registry`): "dps" (default), "mcg",
+            "pigdm" or "ddrm".
+        zeta: the guidance scale of dps, mcg and pigdm (default: the registry's, 1.0); for ddrm
+            its hyperparameter eta (default 0.85) goes in ``method_options``.
+        guidance: dps and mcg: "normalized" (default, the DPS code) or "squared".
+        method_options: the method's other keywords, e.g. ``{"eta": 0.5}`` (ddrm) or
+            ``{"weighting": "public"}`` (pigdm).
+        clip, variance, backend, compile, autocast: passed to the method's sampler
+            (``clip=True`` is ``clip_x0=(-1, 1)``, as in the DPS code; methods that do not use
+            clipping or the variance (ddrm) ignore ``clip`` and refuse ``variance``).
         samples: posterior samples ``S`` per item. seed: root of every per-item seed.
         batch_size: images per sampler call, or ``"auto"`` (CUDA: probe the free memory; CPU:
             ``max(1, 8 // S)`` images); halved on out-of-memory errors.
@@ -478,11 +338,14 @@ def reconstruct(
         on_item_done: called with an item's name after its done marker is written.
         noise, rate: "gaussian" (``sigma_n``) or "poisson" with ``rate`` (default 1.0: the DPS
             code's Poisson noise on [-1, 1] images), or a :class:`~dps_fast.operators.PoissonNoise`;
-            used to simulate measurements and by the sampler's likelihood.
+            used to simulate measurements and by the sampler's likelihood (dps only).
+        allow_nothing: return the summary of a run that reconstructed nothing instead of raising.
 
     Returns:
         :class:`ReconstructSummary`; ``OUT/metrics.csv`` and ``OUT/manifest.json`` are written by
-        rank 0.
+        rank 0. When no input was reconstructed (all skipped, or none found) the status is
+        "nothing-done" and :class:`NothingReconstructed` is raised after the manifest is written
+        (pass ``allow_nothing=True`` to get the summary instead).
     """
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples: expected an int >= 1, got {samples!r}")
@@ -494,12 +357,14 @@ def reconstruct(
         raise TypeError(f"operator: expected a dps_fast.operators.Operator (wrap a callable in "
                         f"operators.Differentiable), got {type(operator).__name__}")
     poisson = noise_model(noise, rate)
+    spec, method_kw = sampler_settings(method, zeta, guidance, method_options, clip, variance, poisson)
+    spec.cls.check_operator(operator)
     if inputs is None and measurements is None:
         raise ValueError("inputs: expected clean inputs, measurements, or both; got neither")
     if not (isinstance(sigma_n, (int, float)) and np.isfinite(sigma_n) and sigma_n >= 0):
         raise ValueError(f"sigma_n: expected a finite standard deviation >= 0, got {sigma_n!r}")
     t_start = time.perf_counter()
-    started = _now()
+    started = now()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir: {str(out)!r} is a file; expected a folder (created if missing)")
@@ -508,30 +373,26 @@ def reconstruct(
     channels, size = model_geometry(model, image_size)
     dataset = open_dataset(inputs, channels, size, resize) if inputs is not None else None
     given = open_measurements(measurements, channels) if measurements is not None else None
-    names = dataset.names if dataset is not None else given.names
-    paths = dataset.paths if dataset is not None else [None] * len(names)
-    if not names:
-        src = inputs if dataset is not None else measurements
-        where = repr(str(src)) if isinstance(src, (str, os.PathLike)) else "the given data"
-        logger.warning("no inputs found in %s (images: %s at the folder's top level; or a tensor file); "
-                       "nothing to do", where, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS))
     if channels is not None and size is not None:
         x_shape = (1, channels, size, size)
         y_shape = tuple(apply_operator(operator, torch.zeros(x_shape)).shape[1:])
     else:
         x_shape = y_shape = None
+    source = ItemSource(dataset, given, operator, sigma_n, seed, samples, poisson, y_shape)
+    names = source.names
+    if not names:
+        src = inputs if dataset is not None else measurements
+        where = repr(str(src)) if isinstance(src, (str, os.PathLike)) else "the given data"
+        logger.warning("no inputs found in %s (images: %s at the folder's top level; or a tensor file); "
+                       "nothing to do", where, "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS))
     if schedule is None:
         schedule = NoiseSchedule.linear(1000).respace(steps)
-    settings = {
-        "model": model_id or _model_id(model), "operator": _describe_operator(operator),
-        "schedule": _schedule_id(schedule), "sigma_n": float(sigma_n), "zeta": zeta, "guidance": guidance,
-        "samples": samples, "seed": seed, "clip": bool(clip), "variance": variance, "resize": bool(resize),
-        "image_size": size, "channels": channels, "autocast": str(autocast) if autocast else None,
-        "measurements": "given" if given is not None else "simulated",
-    }
-    if poisson is not None:  # only then: Gaussian runs keep the fingerprints of earlier versions
-        settings["noise"] = repr(poisson)
-    fingerprint = _fingerprint(settings)
+    settings = run_settings(
+        model_id or manifest_mod.model_id(model), operator, schedule, sigma_n, spec, method_kw, samples=samples,
+        seed=seed, clip=bool(clip), variance=variance, resize=bool(resize), image_size=size, channels=channels,
+        autocast=str(autocast) if autocast else None, measurements="given" if given is not None else "simulated",
+        noise=poisson)
+    fingerprint = manifest_mod.fingerprint(settings)
     previous = read_json(out / MANIFEST)
     check_resumable(previous, settings, fingerprint, out)
 
@@ -542,9 +403,8 @@ def reconstruct(
         dev = ctx.device
         if isinstance(model, nn.Module):
             model = model.to(dev).eval()
-        dps = DPS(model, schedule, operator, zeta=zeta, sigma_n=sigma_n, guidance=guidance,
-                  clip_x0=(-1.0, 1.0) if clip else None, variance=variance, backend=backend,
-                  compile=compile, autocast=autocast, noise=poisson if poisson is not None else "gaussian")
+        sampler = spec.cls(model, schedule, operator, sigma_n=sigma_n, backend=backend, compile=compile,
+                           autocast=autocast, **method_kw)
         done_before = {r["name"] for r in distributed.collect_done(out, fingerprint)}
         pending = [i for i, n in enumerate(names) if n not in done_before]
         # Every rank has listed the pending work before anyone writes a done marker.
@@ -553,7 +413,7 @@ def reconstruct(
         manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT, "status": "running", "fingerprint": fingerprint, "settings": settings,
             "options": options or {}, "environment": env, "world_size": ctx.world_size,
-            "started": started, "inputs": {"total": len(names)}, "process": _this_process(),
+            "started": started, "inputs": {"total": len(names)}, "process": this_process(),
         }
         if previous is not None:
             manifest["resumed_from"] = run_status(previous)
@@ -564,40 +424,8 @@ def reconstruct(
             manifest["batch"] = previous["batch"]
         mine = pending[ctx.rank::ctx.world_size]
 
-        # ---- chunk size -----------------------------------------------------------------
-        total_rows = max(1, len(names) * samples)
-        if batch_size != "auto":
-            rows, batch_info = batch_size * samples, {"mode": "fixed", "rows": batch_size * samples}
-        elif dev.type == "cuda" and (manifest.get("batch") or {}).get("mode") == "probe":
-            rows = int(manifest["batch"]["rows"])  # resume with the chunk size of the first run
-            batch_info = dict(manifest["batch"], reused=True)
-            if "checkpointing" in batch_info and hasattr(model, "set_checkpointing"):
-                model.set_checkpointing(bool(batch_info["checkpointing"]))
-        else:
-            if dev.type == "cuda" and (x_shape is None or y_shape is None):
-                raise ValueError("batch_size: 'auto' needs the model's image size; pass image_size= or a fixed batch")
-            probe = probe_step(dps, x_shape, y_shape, dev) if x_shape is not None else (lambda r: None)
-            ckpt_info: dict[str, Any] = {}
-            if dev.type == "cuda" and hasattr(model, "set_checkpointing"):
-                measured: dict[bool, tuple[int, dict[str, Any]]] = {}
-
-                def measure(flag: bool) -> tuple[int, float]:
-                    model.set_checkpointing(flag)
-                    r, info = auto_rows(probe, dev, samples, max_rows=total_rows)
-                    measured[flag] = (r, info)
-                    return r, time_step(probe, r, dev)
-
-                use_ckpt, ckpt_info = pick_checkpointing(measure)
-                # Every rank follows rank 0's choice (identical GPUs measure alike).
-                use_ckpt = bool(distributed.all_gather_object(ctx, use_ckpt)[0])
-                model.set_checkpointing(use_ckpt)
-                rows, batch_info = measured[use_ckpt]
-                ckpt_info["checkpointing"] = use_ckpt
-            else:
-                rows, batch_info = auto_rows(probe, dev, samples, max_rows=total_rows)
-            # One chunk size for every rank: same shapes, same floating-point results.
-            rows = min(distributed.all_gather_object(ctx, rows))
-            batch_info = dict(batch_info, rows=rows, **ckpt_info)
+        rows, batch_info = choose_rows(sampler, model, manifest.get("batch"), batch_size, samples, len(names),
+                                       x_shape, y_shape, ctx)
         manifest["batch"] = batch_info
         if ctx.is_main:  # written before any item, so an interrupted run leaves its settings (and chunk size)
             out.mkdir(parents=True, exist_ok=True)
@@ -607,63 +435,25 @@ def reconstruct(
         distributed.barrier(ctx)  # every rank appends to that file only after it exists
 
         # ---- stream the shard -----------------------------------------------------------
-        skipped: list[dict[str, Any]] = []
-
-        shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
-
-        def out_shape(xs: tuple[int, ...]) -> tuple[int, ...]:
-            if xs not in shapes:
-                shapes[xs] = tuple(apply_operator(operator, torch.zeros((1,) + xs)).shape[1:])
-            return shapes[xs]
-
-        def items() -> Iterator[_Item]:
-            for i in mine:
-                name = names[i]
-                try:
-                    x = dataset.load(i) if dataset is not None else None
-                    if given is not None:
-                        y = given.load(name, i)
-                    else:
-                        y = simulate_measurement(operator, x, sigma_n, seed, name, poisson)
-                    want = out_shape(tuple(x.shape)) if x is not None else y_shape
-                    if want is not None and tuple(y.shape) != want:
-                        raise InputError(f"{name}: measurement of shape {tuple(y.shape)}, expected {want} "
-                                         f"for {operator!r}")
-                except InputError as exc:  # logged once here; the CLI only counts them
-                    logger.warning("skipping %s", exc)
-                    skipped.append({"name": name, "path": paths[i], "reason": str(exc)})
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                yield _Item(i, name, paths[i], x, y, item_seeds(seed, name, samples))
-
-        def run(jobs: list) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-            count = jobs[0].count
-            y = torch.stack([j.key.y for j in jobs]).to(dev)
-            seeds = torch.stack([j.key.seeds[j.start:j.stop] for j in jobs])
-            t0 = time.perf_counter()
-            res = dps.sample(y, num_samples=count, seeds=seeds)
-            smp = res.samples.detach().float().cpu()
-            rn = res.residual_norm.detach().double().cpu()
-            dt = time.perf_counter() - t0
-            return [(smp[b], rn[b], dt) for b in range(len(jobs))]
-
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), unit="img", desc="reconstruct", dynamic_ncols=True,
-                   disable=not (progress and ctx.is_main))
+        skipped: list[dict[str, Any]] = []
+        show_steps = bool(progress and ctx.is_main)  # a second bar: the steps of the batch in flight
+        bar = tqdm(total=len(mine), unit="img", desc="reconstruct", dynamic_ncols=True, disable=not show_steps)
+        items = load_items(source, mine, skipped, bar)
+        run = sampler_call(sampler, dev, show_steps)
         finished = 0
         t_loop = time.perf_counter()
         rows_now = rows
-        for jobs, results, rows_now in stream_chunks(items(), samples, rows, run, pad=pad, fault=fault):
+        for jobs, results, rows_now in stream_chunks(items, samples, rows, run, pad=pad, fault=fault):
             real = sum(j.count for j in jobs)
             for job, (smp, rn, dt) in zip(jobs, results):
                 item = job.key
                 item.parts.append((job.start, smp, rn))
                 item.seconds += dt * job.count / real
                 if job.stop == samples:
-                    marker = _write_item(out, item, operator, fingerprint, ctx.rank, poisson)
-                    _append_metrics(out, marker["metrics"])
+                    marker = write_item(out, item, operator, fingerprint, ctx.rank, poisson)
+                    append_metrics(out, marker["metrics"])
                     item.parts.clear()
                     finished += 1
                     bar.update(1)
@@ -677,38 +467,16 @@ def reconstruct(
         local = {"rank": ctx.rank, "device": str(dev), "device_name": env["device_name"],
                  "hostname": env["hostname"], "rows": rows_now, "finished": finished, "skipped": skipped,
                  "seconds": round(time.perf_counter() - t_start, 3)}
-        ranks = distributed.all_gather_object(ctx, local)
-        done_names: set[str] = set()
-        skipped_all = [s for r in ranks for s in r["skipped"]]
-        missing: list[str] = []
-        if ctx.is_main:
-            records = distributed.merge(out, fingerprint)
-            done_names = {r["name"] for r in records}
-            skipped_all = [s for s in skipped_all if s["name"] not in done_names]
-            skipped_names = {s["name"] for s in skipped_all}
-            missing = [n for n in names if n not in done_names and n not in skipped_names]
-            status = "complete" if not missing else "incomplete"
-            manifest.update(
-                status=status, finished=_now(), seconds=round(time.perf_counter() - t_start, 3),
-                ranks=[{k: v for k, v in r.items() if k != "skipped"} for r in ranks],
-                inputs={"total": len(names), "done": len(done_names), "finished_now": sum(r["finished"] for r in ranks),
-                        "already_done": len(done_before), "skipped": skipped_all, "missing": missing},
-                metrics=METRICS)
-            write_json(out / MANIFEST, manifest)
-        else:
-            status = "shard-done"  # rank 0 has the run's status
+        summary = finish_run(ctx, out, fingerprint, manifest, names, distributed.all_gather_object(ctx, local),
+                             done_before, t_start)
         manifest_written = False  # final
-        return ReconstructSummary(
-            rank=ctx.rank, out_dir=out, total=len(names), done=len(done_names) if ctx.is_main else finished + len(done_before),
-            finished_now=sum(r["finished"] for r in ranks), already_done=len(done_before), skipped=skipped_all,
-            missing=missing, rows=rows_now, seconds=time.perf_counter() - t_start, status=status, manifest=manifest)
     except BaseException as exc:
         if manifest_written:  # rank 0 only: say why the run stopped (a SIGKILL cannot; see run_status)
             from ..divergence import NonFiniteError
 
             stopped = ("interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit))
                        else "diverged" if isinstance(exc, NonFiniteError) else "failed")
-            manifest.update(status=stopped, stopped=_now(), error=f"{type(exc).__name__}: {exc}"[:500])
+            manifest.update(status=stopped, stopped=now(), error=f"{type(exc).__name__}: {exc}"[:500])
             try:
                 write_json(out / MANIFEST, manifest)
             except OSError:
@@ -718,3 +486,6 @@ def reconstruct(
         if bar is not None:
             bar.close()
         distributed.teardown(ctx)
+    if summary.status == "nothing-done" and not allow_nothing:
+        raise NothingReconstructed(summary)
+    return summary

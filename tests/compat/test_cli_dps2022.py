@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import textwrap
 
 import numpy as np
@@ -373,3 +374,14 @@ def test_cli_help_shows_each_default_once(capsys):
     assert "(default: ./results)" in text and "(default: philox)" in text
     backend = next(o for o in options if o.startswith("-backend"))
     assert "cuda" in backend and "reconstruct" in backend  # it has a help text now
+
+
+@needs_fixture
+def test_progress_shows_the_steps_of_the_batch_in_flight(tmp_path, tiny32, capsys):
+    """Besides the bar over images, a bar over the steps of the batch being sampled (a batch can
+    take minutes, the image bar would sit still)."""
+    argv = [a for a in _write_setup(tmp_path, tiny32, n_images=1, respacing=3) if a != "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "dps2022:" in err  # the bar over images
+    assert re.search(r"dps2022 \S+: .*\d/3 ", err), err[-2000:]  # the bar over the 3 steps

@@ -116,3 +116,21 @@ def test_a_method_is_not_a_dps_but_shares_its_api():
     for m in (f(net, sched, A) for f in METHODS.values()):
         assert not isinstance(m, DPS)
         assert type(m).__name__ in repr(m) and "Identity()" in repr(m)
+
+
+@pytest.mark.parametrize("method,option", [("DDRM", {"clip_x0": (-1.0, 1.0)}), ("DDRM", {"variance": "fixed_large"}),
+                                           ("MCG", {"cuda_graph": True}), ("PiGDM", {"noise": "poisson"})])
+def test_an_engine_option_a_method_does_not_use_is_refused(method, option):
+    A, net, *_ = setup("identity")
+    cls = {"MCG": MCG, "PiGDM": PiGDM, "DDRM": DDRM}[method]
+    name = next(iter(option))
+    with pytest.raises(TypeError, match=rf"{name}: {method} does not use this option"):
+        cls(net, NoiseSchedule.linear(1000).respace(4), A, **option)
+
+
+def test_methods_are_siblings_on_the_engine():
+    """None is built on (or builds) another method: each is a direct subclass of the engine."""
+    from dps_fast.engine import Engine
+
+    for cls in (DPS, MCG, PiGDM, DDRM):
+        assert cls.__bases__ == (Engine,)

@@ -175,3 +175,53 @@ def test_learned_range_variance_uses_the_networks_variance_channels():
     assert rel_err(x_next - zero, std * z) < 1e-12
     for m in (pig, MCG(net, sched, A, zeta=0.01, sigma_n=0.1), DDRM(net, sched, A, sigma_n=0.1)):
         assert torch.isfinite(m.sample(y, num_samples=2, seed=0).samples).all()
+
+
+def _public_step_by_formula(net, sched, M, y_rows, x_t, noise, i, zeta, sigma_n):
+    """weighting="public", written out as the public code does it (RED-diff ``algos/pgdm.py``,
+    ``awd=True``): the DDPM/DDIM(eta=1) update plus ``zeta sqrt(abar_{i-1} abar_i) J^T h_pub`` with
+    ``h_pub = A^+ (y - A x0hat)`` (sigma_n = 0) or ``r^2 A^T (r^2 A A^T + sigma_n^2 I)^{-1} (y - A x0hat)``,
+    by dense ``pinv``/``solve`` (no SVD, no clip)."""
+    c = lambda k: sched.coef(i, k)  # noqa: E731
+    n = x_t.shape[0]
+    abar = c(Coef.SQRT_ABAR) ** 2
+    abar_prev = sched.coef(i - 1, Coef.SQRT_ABAR) ** 2 if i > 0 else 1.0
+    r2 = 1 - abar
+    xin = x_t.clone().requires_grad_(True)
+    x0 = c(Coef.SQRT_RECIP_ABAR) * xin - c(Coef.SQRT_RECIPM1_ABAR) * net(xin, sched.timesteps[i].expand(n))
+    resid = y_rows - x0.detach().reshape(n, -1) @ M.T
+    if sigma_n == 0:
+        h = resid @ torch.linalg.pinv(M).T
+    else:
+        G = r2 * M @ M.T + sigma_n**2 * torch.eye(M.shape[0], dtype=M.dtype)
+        h = r2 * torch.linalg.solve(G, resid.T).T @ M
+    h = h.reshape(x_t.shape)
+    (g,) = torch.autograd.grad((x0 * h).sum(), xin)
+    x0 = x0.detach()
+    uncond = c(Coef.COEF_X0) * x0 + c(Coef.COEF_XT) * x_t + c(Coef.SIGMA_SMALL) * noise
+    return uncond + zeta * math.sqrt(abar_prev * abar) * g, x0
+
+
+@pytest.mark.parametrize("i", [6, 0], ids=["i6", "last"])
+@pytest.mark.parametrize("sigma_n", [0.0, 0.1], ids=["noiseless", "noisy"])
+def test_public_weighting_step_equals_the_public_formula(sigma_n, i):
+    A, net, y, x_t, noise, _ = setup("matrix", samples=S)
+    sched = NoiseSchedule.linear(1000).respace(10)
+    zeta = 0.7
+    pig = PiGDM(net, sched, A, zeta=zeta, sigma_n=sigma_n, rcond=0.0, weighting="public", backend="torch")
+    x_next, x0hat = pig.step(x_t, i, y, noise, num_samples=S)
+    M = real_matrix(A, x_t.shape[1:])
+    want, x0 = _public_step_by_formula(net, sched, M, real_rows(y).repeat_interleave(S, 0), x_t, noise, i,
+                                       zeta, sigma_n)
+    torch.testing.assert_close(x0hat, x0, rtol=1e-12, atol=1e-12)
+    assert rel_err(x_next, want) < 1e-10
+    # and it is not the default ("score") weighting: the two differ by more than rounding
+    score, _ = PiGDM(net, sched, A, zeta=zeta, sigma_n=sigma_n, rcond=0.0, backend="torch").step(
+        x_t, i, y, noise, num_samples=S)
+    assert rel_err(score, want) > 1e-6
+
+
+def test_weighting_is_checked():
+    A, net, *_ = setup("identity")
+    with pytest.raises(ValueError, match=r"weighting: expected one of \('score', 'public'\), got 'paper'"):
+        PiGDM(net, NoiseSchedule.linear(1000).respace(4), A, weighting="paper")

@@ -131,11 +131,11 @@ def test_dps_channels_last_auto_keeps_cpu_models_nchw():
         model = TinyEps(3, 8)
         dps = DPS(model, NoiseSchedule.linear(1000).respace(2), A, compile=False, autocast=ac)
         assert dps.channels_last is None
-        assert dps._network(y.device).channels_last is False
+        assert dps.network(y.device).channels_last is False
         assert model.c1.weight.is_contiguous()
     model = TinyEps(3, 8)
     dps = DPS(model, NoiseSchedule.linear(1000).respace(2), A, compile=False, channels_last=True)
-    assert dps._network(y.device).channels_last is True
+    assert dps.network(y.device).channels_last is True
     assert model.c1.weight.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -38,6 +38,10 @@ class SoftBlur(nn.Module):
 SQUARE_OPERATOR = operators.Differentiable(lambda x: x * x.abs())  # importable by --operator-fn
 
 
+def half_size(x):  # importable by --operator-fn: a shape-changing callable (2x2 block means)
+    return torch.nn.functional.avg_pool2d(x, 2)
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -142,3 +146,41 @@ def test_cli_bad_operator_flags_are_clear_errors(assets, tmp_path, capsys, extra
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err, err
     assert not out.exists()
+
+
+def test_cli_python_callable_that_changes_the_shape_takes_x_from_the_images(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    fn = "tests.operators.test_reconstruct_operators:half_size"
+    assert main(_cli(assets, out, "--operator", "python", "--operator-fn", fn)) == 0, capsys.readouterr().err
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["status"] == "complete" and m["settings"]["operator"]["input_shape"] == [3, 32, 32]
+
+
+def test_python_shape_changing_operator_without_input_shape_names_it():
+    from dps_fast import DPS, NoiseSchedule
+
+    A = operators.Differentiable(half_size)
+    dps = DPS(lambda x, t: torch.zeros_like(x), NoiseSchedule.linear(1000).respace(2), A, sigma_n=0.1)
+    with pytest.raises(ValueError, match=r"input_shape: .*changes the shape.*pass input_shape=\(C, \*S\)"):
+        dps.sample(torch.zeros(1, 3, 8, 8))
+    B = operators.Differentiable(half_size, input_shape=(3, 16, 16))
+    res = DPS(lambda x, t: 0.1 * x, NoiseSchedule.linear(1000).respace(2), B, zeta=0.0, sigma_n=0.1).sample(
+        torch.zeros(1, 3, 8, 8), seed=0)
+    assert res.samples.shape == (1, 1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("op", [operators.GaussianBlur(1.0), operators.Inpainting.box((8, 8), (2, 2)),
+                                operators.SuperResolution(2), operators.PhaseRetrieval(2.0)],
+                         ids=["blur", "inpaint", "superres", "phase"])
+@pytest.mark.parametrize("shape", [(1, 8), (1, 3, 8, 8, 2)], ids=["rank2", "rank5"])
+def test_wrong_rank_y_is_reported_as_y(op, shape):
+    """A y of the wrong rank is the user's y, not the sampler's state x (x_t)."""
+    from dps_fast import DPS, NoiseSchedule
+
+    dps = DPS(lambda x, t: 0.1 * x, NoiseSchedule.linear(1000).respace(2), op, sigma_n=0.1)
+    with pytest.raises(ValueError, match=r"^y: ") as info:
+        dps.sample(torch.zeros(shape))
+    assert str(tuple(shape)) in str(info.value)
+    with pytest.raises(ValueError, match=r"^y: "):  # and in the explicit step
+        x = torch.zeros((1,) + tuple(shape[1:]))
+        dps.step(x, 0, torch.zeros(shape), x)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..._help import HelpFormatter, batch_size
-from ...reconstruct.cli import BACKENDS
+from ...cli_options import BACKENDS
 
 if TYPE_CHECKING:
     from .recognize import Conditioning
@@ -105,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     from ...reconstruct.batching import auto_rows, stream_chunks
     from ...reconstruct.data import read_json, write_json
     from ...reconstruct.distributed import collect_done, merge
-    from ...reconstruct.runner import _fingerprint, check_resumable, environment, item_key, item_seeds
+    from ...reconstruct.items import item_key, item_seeds
+    from ...reconstruct.manifest import check_resumable, environment
+    from ...reconstruct.manifest import fingerprint as settings_fingerprint
     from .diffusion import create_sampler
     from .images import save_like_plt
     from .tasks import ConfigError, list_images, load_image, load_yaml, model_from_config, parse_task
@@ -118,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--diffusion_config: unknown keys {unknown} (create_sampler takes {list(_DIFFUSION_KEYS)})")
     try:
+        # progress: the steps of the batch in flight, under the bar over images
         sampler = create_sampler(**diff_cfg, rng=args.rng, backend=args.backend, compile=bool(args.compile),
-                                 progress=False)
+                                 progress=not args.quiet)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--diffusion_config: {exc}") from None
     task = parse_task(task_cfg)
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.save_dir) / task.operator_name
     settings = {"model": dict(model_cfg, checkpoint=_checkpoint_id(model_cfg["model_path"])),
                 "diffusion": diff_cfg, "task": task_cfg, "rng": args.rng, "seed": args.seed}
-    fingerprint = _fingerprint(settings)
+    fingerprint = settings_fingerprint(settings)
     check_resumable(read_json(out / "manifest.json"), settings, fingerprint, out, "--save_dir", "another --save_dir")
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def _simulate(task: Any, op: Any, x: torch.Tensor, rng: str, seed: int, dev: tor
     noise by (seed, path under data.root) so it does not depend on the batch (Gaussian: dps-fast
     reconstruct's :func:`~dps_fast.reconstruct.runner.simulate_measurement`), --rng torch draws
     as they do."""
-    from ...reconstruct.runner import item_key, simulate_measurement
+    from ...reconstruct.items import item_key, simulate_measurement
 
     if rng == "torch":
         y = op.forward(x[None].to(dev))[0]
